@@ -1,0 +1,57 @@
+"""lookupc: compile transformer feed-forward networks into LookupFFN for CPUs.
+
+Heavy dependencies (torch, TVM, transformers) load lazily: ``import lookupc`` is
+cheap, and each public name imports its module on first use.
+
+>>> import lookupc
+>>> cfg = lookupc.LookupConfig(tables=128, bits=8, block_size=64)
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+__version__ = "0.1.0"
+
+# The project keeps passes/ and schedules/ at the top level of the source tree; an
+# installed wheel maps them to lookupc.passes / lookupc.schedules (pyproject). When
+# running from a source checkout, let the package find them there too.
+_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _sub in ("passes", "schedules"):
+    if (os.path.isfile(os.path.join(_root, _sub, "__init__.py"))
+            and not os.path.isdir(os.path.join(os.path.dirname(__file__), _sub))
+            and _root not in __path__):
+        __path__.append(_root)  # type: ignore[name-defined]
+
+# public name -> module that defines it
+_EXPORTS = {
+    "LookupConfig": "lookupc.config",
+    "LookupFFN": "lookupc.module",
+    "dense_ffn_flops": "lookupc.module",
+    "set_schedule": "lookupc.dispatch",
+    "current_schedule": "lookupc.dispatch",
+    "available_schedules": "lookupc.dispatch",
+    "LookupcError": "lookupc.errors",
+    "LookupcInputError": "lookupc.errors",
+    "PassError": "lookupc.errors",
+    "find_ffns": "lookupc.passes.api",
+    "convert": "lookupc.passes.api",
+    "ConversionResult": "lookupc.passes.api",
+    "load": "lookupc.artifact",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lookupc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,107 @@
+"""LookupFFN hyper-parameters (:class:`LookupConfig`) and the sizes derived from them.
+
+A LookupFFN with ``tables`` = h and ``bits`` = tau hashes each token into h codes of
+tau bits each (tables of 2**tau rows). The BH4 projection works on the input padded
+to a power of two ``D = padded_width(d_in)``; when ``h * tau > D`` it is repeated
+``R = repeats(...)`` times with independent weights and the outputs concatenated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+__all__ = ["LookupConfig", "padded_width", "num_repeats"]
+
+
+def _is_pow2(n: int) -> bool:
+    return isinstance(n, int) and n >= 1 and (n & (n - 1)) == 0
+
+
+def padded_width(d_in: int) -> int:
+    """Smallest power of two >= ``d_in`` (the width BH4 works on)."""
+    if not isinstance(d_in, int) or d_in < 1:
+        raise ValueError(f"d_in must be a positive int, got {d_in!r}")
+    return 1 << (d_in - 1).bit_length()
+
+
+def num_repeats(d_in: int, tables: int, bits: int) -> int:
+    """Number of independent BH4 repeats needed to produce ``tables * bits`` outputs."""
+    return max(1, math.ceil(tables * bits / padded_width(d_in)))
+
+
+@dataclass(frozen=True)
+class LookupConfig:
+    """Hyper-parameters of one LookupFFN.
+
+    Parameters
+    ----------
+    tables : int
+        Number of hash tables h (>= 1).
+    bits : int
+        Code length tau (1..16); each table has ``2**bits`` rows.
+    block_size : int
+        Size of the square blocks of the BH4 block-diagonal matrices (a power of two,
+        at most the padded input width; checked by :meth:`check_for`).
+    decay : float
+        Mix of the BH4 output and the (repeated, padded) input:
+        ``z = decay * BH4(x) + (1 - decay) * x``, in [0, 1]. The paper's code uses 0.7.
+
+    Examples
+    --------
+    >>> LookupConfig(tables=128, bits=8, block_size=64).table_rows
+    32768
+    """
+
+    tables: int = 128
+    bits: int = 8
+    block_size: int = 64
+    decay: float = 0.7
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tables, int) or isinstance(self.tables, bool) or self.tables < 1:
+            raise ValueError(f"LookupConfig.tables must be an int >= 1, got {self.tables!r}")
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 1 <= self.bits <= 16:
+            raise ValueError(f"LookupConfig.bits must be an int in 1..16, got {self.bits!r}")
+        if not _is_pow2(self.block_size) or isinstance(self.block_size, bool):
+            raise ValueError(
+                f"LookupConfig.block_size must be a power of two, got {self.block_size!r}")
+        if not isinstance(self.decay, (int, float)) or not 0.0 <= float(self.decay) <= 1.0:
+            raise ValueError(f"LookupConfig.decay must be a float in [0, 1], got {self.decay!r}")
+
+    @property
+    def table_rows(self) -> int:
+        """Rows of all tables together, ``tables * 2**bits``."""
+        return self.tables * (1 << self.bits)
+
+    @property
+    def code_width(self) -> int:
+        """Width of the soft hash code, ``tables * bits``."""
+        return self.tables * self.bits
+
+    def check_for(self, d_in: int) -> None:
+        """Raise ``ValueError`` if this config cannot serve an input of width ``d_in``."""
+        width = padded_width(d_in)
+        if self.block_size > width:
+            raise ValueError(
+                f"LookupConfig.block_size={self.block_size} is larger than the padded input "
+                f"width {width} (d_in={d_in})")
+
+    @classmethod
+    def for_ffn(cls, d_in: int, d_hidden: int, d_out: int | None = None) -> "LookupConfig":
+        """Defaults sized from a dense FFN ``d_in -> d_hidden -> d_out``.
+
+        Follows the paper's choice for d=512, hidden=2048 (h=128, tau=8, block 64):
+        one 8-bit table per 16 hidden units, blocks of 64 (or the padded width when
+        that is smaller).
+
+        >>> LookupConfig.for_ffn(512, 2048)
+        LookupConfig(tables=128, bits=8, block_size=64, decay=0.7)
+        """
+        if d_hidden < 1:
+            raise ValueError(f"d_hidden must be >= 1, got {d_hidden!r}")
+        tables = max(1, d_hidden // 16)
+        return cls(tables=tables, bits=8, block_size=min(64, padded_width(d_in)))
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,125 @@
+"""Which implementation the ``lookupc`` custom ops run: the PyTorch reference or compiled kernels.
+
+A *kernel provider* is an object with two methods that work on 2-D contiguous tensors::
+
+    provider.hash(x, weight, hash_bias, decay, bits)   -> (codes int32 [N, h], scores [N, h])
+    provider.gather(codes, scores, tables, bias)       -> y [N, d_out]
+
+and a ``supports(device: torch.device, dtype: torch.dtype) -> bool`` method. Providers
+register by schedule name (``register_provider``); ``"reference"`` is always there.
+The schedule in use is chosen with :func:`set_schedule` (a setter that also works as
+a context manager). Backward passes always use the reference math.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Callable
+
+import torch
+
+from . import reference as ref
+
+__all__ = ["set_schedule", "current_schedule", "register_provider", "available_schedules",
+           "provider_for"]
+
+
+class _ReferenceProvider:
+    """The PyTorch reference math (``lookupc.reference``) as a provider."""
+
+    name = "reference"
+
+    def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return True
+
+    def hash(self, x, weight, hash_bias, decay, bits):
+        return ref.codes_scores(ref.hash_forward(x, weight, hash_bias, decay), bits)
+
+    def gather(self, codes, scores, tables, bias):
+        return ref.gather_forward(codes, scores, tables, bias)
+
+
+_REFERENCE = _ReferenceProvider()
+# name -> zero-argument factory returning a provider; created lazily (TVM imports are slow).
+_FACTORIES: dict[str, Callable[[], object]] = {"reference": lambda: _REFERENCE}
+_ALIASES = {"hand": "cpu", "ref": "reference", "torch": "reference"}
+_INSTANCES: dict[str, object] = {"reference": _REFERENCE}
+_state = threading.local()
+_default = ["reference"]
+
+
+def register_provider(name: str, factory: Callable[[], object]) -> None:
+    """Register ``factory`` (called once, lazily) as the provider for schedule ``name``."""
+    _FACTORIES[name] = factory
+    _INSTANCES.pop(name, None)
+
+
+def available_schedules() -> list[str]:
+    _load_builtin_providers()
+    return sorted(_FACTORIES)
+
+
+def _canonical(name: str) -> str:
+    _load_builtin_providers()
+    name = _ALIASES.get(name, name)
+    if name not in _FACTORIES:
+        raise ValueError(
+            f"unknown schedule {name!r}; available: {', '.join(sorted(_FACTORIES))}")
+    return name
+
+
+def current_schedule() -> str:
+    """Name of the schedule the ops use in this thread."""
+    return getattr(_state, "name", None) or _default[0]
+
+
+class _ScheduleSetting(contextlib.AbstractContextManager):
+    def __init__(self, previous: str | None, previous_default: str):
+        self._previous = previous
+        self._previous_default = previous_default
+
+    def __exit__(self, *exc) -> None:
+        _state.name = self._previous
+        _default[0] = self._previous_default
+
+
+def set_schedule(name: str) -> _ScheduleSetting:
+    """Select the implementation of the lookupc ops: ``"reference"``, ``"naive"``, ``"cpu"``
+    (alias ``"hand"``), ``"tuned"``...
+
+    Used as a statement it sets the process default; used in a ``with`` block it
+    restores the previous choice on exit.
+
+    >>> with set_schedule("reference"):
+    ...     pass
+    """
+    canonical = _canonical(name)
+    setting = _ScheduleSetting(getattr(_state, "name", None), _default[0])
+    _default[0] = canonical
+    _state.name = canonical
+    return setting
+
+
+def provider_for(device: torch.device, dtype: torch.dtype):
+    """The provider of the current schedule, or the reference where it cannot serve."""
+    name = current_schedule()
+    if name == "reference":
+        return _REFERENCE
+    provider = _INSTANCES.get(name)
+    if provider is None:
+        provider = _INSTANCES[name] = _FACTORIES[name]()
+    return provider if provider.supports(device, dtype) else _REFERENCE
+
+
+_builtin_loaded = [False]
+
+
+def _load_builtin_providers() -> None:
+    """Register the compiled-kernel providers shipped with lookupc (without importing TVM)."""
+    if _builtin_loaded[0]:
+        return
+    _builtin_loaded[0] = True
+    with contextlib.suppress(ImportError):
+        from . import kernels  # noqa: F401  (registers "naive", "cpu", "tuned" on import)
+

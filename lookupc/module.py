@@ -1,0 +1,99 @@
+"""``LookupFFN``: the nn.Module that holds BH4 weights, tables and bias and calls the ops."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import ops  # noqa: F401  (registers torch.ops.lookupc.*)
+from .config import LookupConfig, num_repeats, padded_width
+
+__all__ = ["LookupFFN", "dense_ffn_flops"]
+
+
+def dense_ffn_flops(d_in: int, d_hidden: int, d_out: int) -> int:
+    """FLOPs per token of Linear(d_in, d_hidden) -> GELU -> Linear(d_hidden, d_out).
+
+    A multiply-add counts 2, each bias add 1; the activation is not counted.
+    """
+    return 2 * d_in * d_hidden + d_hidden + 2 * d_hidden * d_out + d_out
+
+
+class LookupFFN(nn.Module):
+    """A LookupFFN mapping ``[..., d_in]`` to ``[..., d_out]``.
+
+    Parameters
+    ----------
+    d_in, d_out : int
+        Input and output widths (independent of each other).
+    config : LookupConfig, optional
+        Hyper-parameters; defaults to ``LookupConfig.for_ffn(d_in, 4 * d_in)``.
+
+    Examples
+    --------
+    >>> ffn = LookupFFN(384, 384, LookupConfig(tables=96, bits=8, block_size=64))
+    >>> ffn(torch.randn(2, 5, 384)).shape
+    torch.Size([2, 5, 384])
+    """
+
+    def __init__(self, d_in: int, d_out: int, config: LookupConfig | None = None):
+        super().__init__()
+        if not isinstance(d_in, int) or d_in < 1:
+            raise ValueError(f"LookupFFN.d_in must be a positive int, got {d_in!r}")
+        if not isinstance(d_out, int) or d_out < 1:
+            raise ValueError(f"LookupFFN.d_out must be a positive int, got {d_out!r}")
+        config = config or LookupConfig.for_ffn(d_in, 4 * d_in, d_out)
+        config.check_for(d_in)
+        self.d_in, self.d_out, self.config = d_in, d_out, config
+        width = padded_width(d_in)
+        bs = config.block_size
+        repeats = num_repeats(d_in, config.tables, config.bits)
+        self.bh4_weight = nn.Parameter(
+            torch.randn(repeats, 4, width // bs, bs, bs) / math.sqrt(bs * width))
+        self.hash_bias = nn.Parameter(torch.zeros(config.code_width))
+        self.tables = nn.Parameter(0.02 * torch.randn(config.tables, 1 << config.bits, d_out))
+        self.bias = nn.Parameter(torch.zeros(d_out))
+
+    @property
+    def padded_width(self) -> int:
+        return padded_width(self.d_in)
+
+    @property
+    def repeats(self) -> int:
+        return self.bh4_weight.shape[0]
+
+    def hash(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores (float) and codes (int32) of ``x`` [..., d_in], each [..., tables]."""
+        return torch.ops.lookupc.hash(x, self.bh4_weight, self.hash_bias,
+                                      float(self.config.decay), self.config.bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores, codes = self.hash(x)
+        return torch.ops.lookupc.gather(codes, scores, self.tables, self.bias)
+
+    def hash_flops_per_token(self) -> int:
+        """BH4 (4 rounds of block matmul + FWHT per repeat), mix, bias, codes and scores."""
+        d, bs, r = self.padded_width, self.config.block_size, self.repeats
+        bh4 = r * 4 * (2 * d * bs + d * int(math.log2(d)))
+        mix = 3 * r * d
+        code_width = self.config.code_width
+        return bh4 + mix + code_width + 4 * code_width
+
+    def gather_flops_per_token(self) -> int:
+        """One multiply-add per table and output column, plus the bias."""
+        return 2 * self.config.tables * self.d_out + self.d_out
+
+    def flops_per_token(self) -> int:
+        """FLOPs per token (multiply-add = 2): hash + gather. See the two parts."""
+        return self.hash_flops_per_token() + self.gather_flops_per_token()
+
+    def table_bytes(self) -> int:
+        """Bytes of the lookup tables."""
+        return self.tables.numel() * self.tables.element_size()
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"d_in={self.d_in}, d_out={self.d_out}, tables={c.tables}, bits={c.bits}, "
+                f"block_size={c.block_size}, decay={c.decay}, repeats={self.repeats}")

@@ -1,0 +1,189 @@
+"""Reference math of LookupFFN in plain PyTorch: the one canonical convention.
+
+Every other implementation (TVM CPU schedules, CUDA kernels) is tested against
+these functions. The paper's own CPU and CUDA code disagree on block transposition
+and Hadamard scaling; lookupc follows the paper's *training* code:
+
+Walsh-Hadamard transform
+    ``fwht(x)`` multiplies the last dim by the Sylvester-ordered Hadamard matrix
+    ``H_D`` (entries +-1, symmetric, **unnormalised**): ``fwht(fwht(x)) == D * x``.
+
+BH4 projection (paper eq. 11, m = 4)
+    The input x [N, d_in] is zero-padded to ``D = next_pow2(d_in)``. For each repeat
+    r in 0..R-1 (``R = ceil(h*tau / D)``), with ``W[r, j]`` block-diagonal made of
+    ``D / BS`` blocks of shape [BS, BS] stored *as [out, in]* (like ``nn.Linear``)::
+
+        y = x_pad
+        for j in 0..3:  y = fwht(blockdiag(W[r, j]) @ y)   # y[b, o] = sum_i W[r,j,b,o,i] y[b, i]
+
+    The repeats are concatenated (repeat r owns columns ``r*D .. (r+1)*D``), mixed
+    with the input and cut to the code width::
+
+        z = (decay * concat_r(y_r) + (1 - decay) * repeat(x_pad, R))[:, :h*tau] + hash_bias
+
+    Blocks are initialised ``randn / sqrt(BS * D)`` so each round keeps the variance.
+
+Codes
+    ``z`` is split into h groups of tau; bit j of table k is ``z[k*tau + j] > 0`` and
+    the bits are packed MSB-first: ``code_k = sum_j [z_kj > 0] << (tau - 1 - j)``.
+    The global table row is ``k * 2**tau + code_k``.
+
+Scores (paper section 4, the GELU-like weight)
+    ``<z,S_g> exp(<z,S_g>) / prod_j (e^{z_j} + e^{-z_j})`` with ``S_g = sign(z)``,
+    computed as ``sum_j |z_j| * exp(-sum_j log1p(exp(-2|z_j|)))``: exp of a
+    non-positive number only, so no overflow for any |z|.
+
+Gather
+    ``y = sum_k score_k * T[k, code_k, :] + bias`` with tables T [h, 2**tau, d_out].
+
+Backward formulas (used by the custom ops' autograd): with ``a = |z|``,
+``A = sum a`` and ``P = prod(1 + e^{-2a})``, ``d score / d z_j =
+sign(z_j) / P * (1 + 2 A sigmoid(-2 a_j))``; codes carry no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "fwht", "bh4_forward", "hash_forward", "codes_scores", "gather_forward",
+    "hash_backward", "gather_backward", "lookup_ffn",
+]
+
+# Bound on elements materialised at once by the chunked reference gather backward.
+_CHUNK_ELEMS = 1 << 24
+
+
+def fwht(x: Tensor) -> Tensor:
+    """Unnormalised fast Walsh-Hadamard transform over the last dim (Sylvester order).
+
+    ``fwht(fwht(x)) == x.shape[-1] * x``. The last dim must be a power of two.
+    """
+    d = x.shape[-1]
+    if d < 1 or d & (d - 1):
+        raise ValueError(f"fwht needs a power-of-two last dim, got {d}")
+    y = x.reshape(-1, d)
+    h = 1
+    while h < d:
+        y = y.view(-1, d // (2 * h), 2, h)
+        a, b = y[:, :, 0], y[:, :, 1]
+        y = torch.stack((a + b, a - b), dim=2)
+        h *= 2
+    return y.reshape(x.shape)
+
+
+def _pad(x: Tensor, width: int) -> Tensor:
+    return F.pad(x, (0, width - x.shape[-1])) if x.shape[-1] < width else x
+
+
+def _block_mm(y: Tensor, w: Tensor) -> Tensor:
+    """y [N, D] times blockdiag(w) with w [NB, BS(out), BS(in)]."""
+    n = y.shape[0]
+    nb, bs, _ = w.shape
+    return torch.einsum("nbi,boi->nbo", y.reshape(n, nb, bs), w).reshape(n, nb * bs)
+
+
+def bh4_forward(x_pad: Tensor, weight: Tensor, keep: bool = False):
+    """BH4 of x_pad [N, D] for every repeat: returns [N, R*D] (and the round inputs if keep)."""
+    outs, saved = [], []
+    for r in range(weight.shape[0]):
+        y = x_pad
+        for j in range(weight.shape[1]):
+            if keep:
+                saved.append(y)
+            y = fwht(_block_mm(y, weight[r, j]))
+        outs.append(y)
+    z = torch.cat(outs, dim=-1)
+    return (z, saved) if keep else z
+
+
+def hash_forward(x: Tensor, weight: Tensor, hash_bias: Tensor, decay: float) -> Tensor:
+    """Soft hash code z [N, h*tau] of x [N, d_in] (see the module docstring)."""
+    r, _, nb, bs, _ = weight.shape
+    x_pad = _pad(x, nb * bs)
+    z = decay * bh4_forward(x_pad, weight) + (1.0 - decay) * x_pad.repeat(1, r)
+    return z[:, : hash_bias.shape[0]] + hash_bias
+
+
+def codes_scores(z: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Codes (int32, MSB-first) and scores of soft codes z [N, h*bits]."""
+    zz = z.reshape(z.shape[0], -1, bits)
+    shifts = torch.arange(bits - 1, -1, -1, device=z.device, dtype=torch.int32)
+    codes = ((zz > 0).to(torch.int32) << shifts).sum(-1, dtype=torch.int32)
+    a = zz.abs()
+    scores = a.sum(-1) * torch.exp(-torch.log1p(torch.exp(-2.0 * a)).sum(-1))
+    return codes, scores
+
+
+def _score_grad(z: Tensor, bits: int) -> Tensor:
+    """d score_k / d z_kj, shape [N, h, bits]."""
+    zz = z.reshape(z.shape[0], -1, bits)
+    a = zz.abs()
+    inv_p = torch.exp(-torch.log1p(torch.exp(-2.0 * a)).sum(-1, keepdim=True))
+    big_a = a.sum(-1, keepdim=True)
+    return torch.sign(zz) * inv_p * (1.0 + 2.0 * big_a * torch.sigmoid(-2.0 * a))
+
+
+def gather_forward(codes: Tensor, scores: Tensor, tables: Tensor, bias: Tensor) -> Tensor:
+    """y [N, d_out] = sum_k scores[:, k] * tables[k, codes[:, k]] + bias."""
+    h, rows, d_out = tables.shape
+    idx = codes.long() + torch.arange(h, device=codes.device) * rows
+    y = F.embedding_bag(idx, tables.reshape(h * rows, d_out), per_sample_weights=scores,
+                        mode="sum")
+    return y + bias
+
+
+def hash_backward(grad_scores: Tensor, x: Tensor, weight: Tensor, hash_bias: Tensor,
+                  decay: float, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of the scores w.r.t. x [N, d_in], the BH4 weight and the hash bias."""
+    r, rounds, nb, bs, _ = weight.shape
+    d = nb * bs
+    n, d_in = x.shape
+    x_pad = _pad(x, d)
+    y, saved = bh4_forward(x_pad, weight, keep=True)
+    z = (decay * y + (1.0 - decay) * x_pad.repeat(1, r))[:, : hash_bias.shape[0]] + hash_bias
+    dz = (grad_scores.unsqueeze(-1) * _score_grad(z, bits)).reshape(n, -1)
+    g_hash_bias = dz.sum(0)
+    dz_full = _pad(dz, r * d)
+    g_x = (1.0 - decay) * dz_full.reshape(n, r, d).sum(1)
+    g_w = torch.empty_like(weight)
+    for ri in range(r):
+        g = decay * dz_full[:, ri * d:(ri + 1) * d]
+        for j in reversed(range(rounds)):
+            g = fwht(g)  # H is symmetric
+            y_in = saved[ri * rounds + j].reshape(n, nb, bs)
+            g3 = g.reshape(n, nb, bs)
+            g_w[ri, j] = torch.einsum("nbo,nbi->boi", g3, y_in)
+            g = torch.einsum("nbo,boi->nbi", g3, weight[ri, j]).reshape(n, d)
+        g_x = g_x + g
+    return g_x[:, :d_in].contiguous(), g_w, g_hash_bias
+
+
+def gather_backward(grad_y: Tensor, codes: Tensor, scores: Tensor,
+                    tables: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of the gather w.r.t. the scores [N, h] and the tables [h, 2**tau, d_out]."""
+    h, rows, d_out = tables.shape
+    n = codes.shape[0]
+    flat = tables.reshape(h * rows, d_out)
+    idx = codes.long() + torch.arange(h, device=codes.device) * rows
+    g_scores = torch.empty_like(scores)
+    g_tables = torch.zeros_like(flat)
+    step = max(1, _CHUNK_ELEMS // max(1, n * d_out))
+    for k0 in range(0, h, step):
+        k1 = min(h, k0 + step)
+        sel = idx[:, k0:k1]
+        g_scores[:, k0:k1] = torch.einsum("nkd,nd->nk", flat[sel], grad_y)
+        contrib = scores[:, k0:k1, None] * grad_y[:, None, :]
+        g_tables.index_add_(0, sel.reshape(-1), contrib.reshape(-1, d_out))
+    return g_scores, g_tables.reshape(h, rows, d_out)
+
+
+def lookup_ffn(x: Tensor, weight: Tensor, hash_bias: Tensor, tables: Tensor, bias: Tensor,
+               decay: float, bits: int) -> Tensor:
+    """The whole LookupFFN in reference math, on x of any leading shape [..., d_in]."""
+    lead = x.shape[:-1]
+    z = hash_forward(x.reshape(-1, x.shape[-1]), weight, hash_bias, decay)
+    codes, scores = codes_scores(z, bits)
+    return gather_forward(codes, scores, tables, bias).reshape(*lead, tables.shape[-1])

@@ -1,0 +1,1 @@
+"""Kernel schedules of lookupc (importable as ``lookupc.schedules``), one file each."""

@@ -1,0 +1,71 @@
+"""An independent, deliberately plain NumPy LookupFFN (loops, no code shared with lookupc).
+
+Written from the convention in ``lookupc.reference``'s docstring only, so the package
+and this file can disagree if either is wrong.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def hadamard_matrix(d: int) -> np.ndarray:
+    """Sylvester Hadamard matrix by the recursive definition."""
+    h = np.ones((1, 1))
+    while h.shape[0] < d:
+        h = np.block([[h, h], [h, -h]])
+    return h
+
+
+def bh4(x_pad: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """All repeats of BH4 for one token x_pad [D]; weight [R, 4, NB, BS, BS] (out, in)."""
+    reps, rounds, nb, bs, _ = weight.shape
+    d = nb * bs
+    had = hadamard_matrix(d)
+    out = []
+    for r in range(reps):
+        y = x_pad.copy()
+        for j in range(rounds):
+            t = np.zeros(d)
+            for b in range(nb):
+                for o in range(bs):
+                    acc = 0.0
+                    for i in range(bs):
+                        acc += weight[r, j, b, o, i] * y[b * bs + i]
+                    t[b * bs + o] = acc
+            y = had @ t
+        out.extend(y.tolist())
+    return np.array(out)
+
+
+def lookup_ffn(x, weight, hash_bias, tables, bias, decay, bits):
+    """Returns (codes [N, h], scores [N, h], y [N, d_out]) for x [N, d_in]."""
+    n, d_in = x.shape
+    reps, _, nb, bs, _ = weight.shape
+    d = nb * bs
+    h, rows, d_out = tables.shape
+    codes = np.zeros((n, h), dtype=np.int64)
+    scores = np.zeros((n, h))
+    y = np.zeros((n, d_out))
+    for t in range(n):
+        x_pad = np.zeros(d)
+        x_pad[:d_in] = x[t]
+        proj = bh4(x_pad, weight)
+        z = [decay * proj[c] + (1 - decay) * x_pad[c % d] + hash_bias[c] for c in range(h * bits)]
+        for k in range(h):
+            zk = z[k * bits:(k + 1) * bits]
+            code = 0
+            for j, v in enumerate(zk):
+                if v > 0:
+                    code += 2 ** (bits - 1 - j)
+            # <z, S_g> exp(<z, S_g>) / prod(e^z + e^-z), evaluated in log space
+            s = sum(abs(v) for v in zk)
+            log_den = sum(abs(v) + math.log1p(math.exp(-2 * abs(v))) for v in zk)
+            score = s * math.exp(s - log_den)
+            codes[t, k] = code
+            scores[t, k] = score
+            y[t] += score * tables[k, code]
+        y[t] += bias
+    return codes, scores, y
