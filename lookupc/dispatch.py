@@ -5,10 +5,17 @@ A *kernel provider* is an object with two methods that work on 2-D contiguous te
     provider.hash(x, weight, hash_bias, decay, bits)   -> (codes int32 [N, h], scores [N, h])
     provider.gather(codes, scores, tables, bias)       -> y [N, d_out]
 
-and a ``supports(device: torch.device, dtype: torch.dtype) -> bool`` method. Providers
-register by schedule name (``register_provider``); ``"reference"`` is always there.
-The schedule in use is chosen with :func:`set_schedule` (a setter that also works as
-a context manager). Backward passes always use the reference math.
+and a ``supports(device: torch.device, dtype: torch.dtype) -> bool`` method. It may also
+have ``hash_backward(grad_scores, x, weight, hash_bias, decay, bits) -> (g_x, g_w, g_b)``
+and ``gather_backward(grad_y, codes, scores, tables) -> (g_scores, g_tables)``; where
+it does not, the backward ops use the reference math.
+
+Providers register by schedule name (``register_provider``); ``"reference"`` is always
+there. The schedule in use is chosen with :func:`set_schedule` (a setter that also
+works as a context manager). The default, ``"auto"``, means the reference on CPU
+tensors and the ``"cuda"`` provider on CUDA tensors. A chosen schedule that cannot
+serve a CPU tensor's dtype (compiled kernels are float32) falls back to the reference;
+on a CUDA tensor it raises instead of silently running something else.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Callable
 import torch
 
 from . import reference as ref
+from .errors import LookupcError
 
 __all__ = ["set_schedule", "current_schedule", "register_provider", "available_schedules",
            "provider_for"]
@@ -42,11 +50,12 @@ class _ReferenceProvider:
 
 _REFERENCE = _ReferenceProvider()
 # name -> zero-argument factory returning a provider; created lazily (TVM imports are slow).
-_FACTORIES: dict[str, Callable[[], object]] = {"reference": lambda: _REFERENCE}
+_FACTORIES: dict[str, Callable[[], object]] = {"reference": lambda: _REFERENCE,
+                                               "auto": lambda: _REFERENCE}
 _ALIASES = {"hand": "cpu", "ref": "reference", "torch": "reference"}
 _INSTANCES: dict[str, object] = {"reference": _REFERENCE}
 _state = threading.local()
-_default = ["reference"]
+_default = ["auto"]
 
 
 def register_provider(name: str, factory: Callable[[], object]) -> None:
@@ -85,8 +94,8 @@ class _ScheduleSetting(contextlib.AbstractContextManager):
 
 
 def set_schedule(name: str) -> _ScheduleSetting:
-    """Select the implementation of the lookupc ops: ``"reference"``, ``"naive"``, ``"cpu"``
-    (alias ``"hand"``), ``"tuned"``...
+    """Select the implementation of the lookupc ops: ``"auto"`` (default), ``"reference"``,
+    ``"naive"``, ``"cpu"`` (alias ``"hand"``), ``"tuned"``, ``"cuda"``...
 
     Used as a statement it sets the process default; used in a ``with`` block it
     restores the previous choice on exit.
@@ -102,14 +111,24 @@ def set_schedule(name: str) -> _ScheduleSetting:
 
 
 def provider_for(device: torch.device, dtype: torch.dtype):
-    """The provider of the current schedule, or the reference where it cannot serve."""
+    """The provider that runs the ops on tensors of ``device``/``dtype`` (see module doc)."""
     name = current_schedule()
+    if name == "auto":
+        name = "cuda" if device.type == "cuda" else "reference"
     if name == "reference":
         return _REFERENCE
     provider = _INSTANCES.get(name)
     if provider is None:
+        _load_builtin_providers()
+        if name not in _FACTORIES:
+            raise LookupcError(f"no {name!r} kernels are available for {device} tensors "
+                               f"(available: {', '.join(sorted(_FACTORIES))})")
         provider = _INSTANCES[name] = _FACTORIES[name]()
-    return provider if provider.supports(device, dtype) else _REFERENCE
+    if provider.supports(device, dtype):
+        return provider
+    if device.type == "cpu":
+        return _REFERENCE
+    raise LookupcError(f"schedule {name!r} cannot run {dtype} tensors on {device}")
 
 
 _builtin_loaded = [False]
@@ -120,6 +139,9 @@ def _load_builtin_providers() -> None:
     if _builtin_loaded[0]:
         return
     _builtin_loaded[0] = True
-    with contextlib.suppress(ImportError):
-        from . import kernels  # noqa: F401  (registers "naive", "cpu", "tuned" on import)
+    import importlib
+
+    for module in ("kernels", "cuda_kernels"):  # register "naive"/"cpu"/"tuned" and "cuda"
+        with contextlib.suppress(ModuleNotFoundError):
+            importlib.import_module(f"{__package__}.{module}")
 

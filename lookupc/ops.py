@@ -14,8 +14,9 @@ either side's traffic, so fusing them would save nothing measurable.
 
 Inputs may have any leading shape ``[..., d]`` and any strides; float32 and float64
 are supported (all float arguments of one call share a dtype and a device). The
-forward runs the provider selected by :func:`lookupc.set_schedule` (the PyTorch
-reference by default); backward always uses the reference math.
+forward and backward run the provider selected by :func:`lookupc.set_schedule` (see
+``lookupc.dispatch``: the PyTorch reference on CPU by default); a provider without
+backward kernels gets the reference math for the backward.
 """
 
 from __future__ import annotations
@@ -146,8 +147,9 @@ def _(codes, scores, tables, bias):
 def hash_backward(grad_scores: Tensor, x: Tensor, weight: Tensor, hash_bias: Tensor,
                   decay: float, bits: int) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of the hash's scores w.r.t. x, weight and hash_bias."""
-    g_x, g_w, g_b = ref.hash_backward(_flat(grad_scores), _flat(x), weight.contiguous(),
-                                      hash_bias.contiguous(), float(decay), int(bits))
+    impl = getattr(provider_for(x.device, x.dtype), "hash_backward", ref.hash_backward)
+    g_x, g_w, g_b = impl(_flat(grad_scores), _flat(x), weight.contiguous(),
+                         hash_bias.contiguous(), float(decay), int(bits))
     return g_x.reshape(x.shape), g_w, g_b
 
 
@@ -160,8 +162,9 @@ def _(grad_scores, x, weight, hash_bias, decay, bits):
 def gather_backward(grad_y: Tensor, codes: Tensor, scores: Tensor,
                     tables: Tensor) -> tuple[Tensor, Tensor]:
     """Gradients of the gather w.r.t. scores and tables (bias: the sum of grad_y)."""
-    g_s, g_t = ref.gather_backward(_flat(grad_y), _flat(codes), _flat(scores),
-                                   tables.contiguous())
+    impl = getattr(provider_for(scores.device, scores.dtype), "gather_backward",
+                   ref.gather_backward)
+    g_s, g_t = impl(_flat(grad_y), _flat(codes), _flat(scores), tables.contiguous())
     return g_s.reshape(scores.shape), g_t
 
 
