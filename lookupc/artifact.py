@@ -1,0 +1,471 @@
+"""The deployable artifact: an exported program, its kernel library and a manifest.
+
+Layout of an artifact directory (``lookupc compile ... -o DIR``)::
+
+    DIR/
+      manifest.json         what this is: versions, target, config, schedule, shapes, hashes
+      model.pt2             torch.export program of the converted model (lookupc ops inside);
+                            outputs flattened to a tuple of tensors (names in the manifest)
+      kernels.so            TVM kernel library for the target (kernels.tar when cross-compiled
+                            without a linker for the target: object files, linked at load)
+      inputs.safetensors    the example inputs it was compiled with (``lookupc run DIR``
+                            uses them when no --input is given)
+
+``manifest.json`` records the sha256 and size of every other file and a sha256 of its
+own content. :func:`verify` checks all of it and says exactly what is wrong (a missing,
+truncated or edited file, a version mismatch); :func:`load` verifies, refuses a target
+this machine cannot execute, loads the kernel library and returns an
+:class:`Artifact`, a callable ``nn.Module`` that runs the program with its lookupc ops
+dispatched to the library.
+
+Token counts: the kernels are generic in the token count (one build serves every
+batch x sequence length), and the program is exported with dynamic batch and sequence
+dims where the model allows it (``manifest["program"]["dynamic_dims"]``); otherwise
+the program accepts only the compiled input shapes and says so when called.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import LookupcError, LookupcInputError
+
+__all__ = ["Artifact", "ArtifactError", "load", "verify", "write_artifact", "MANIFEST",
+           "FORMAT", "FORMAT_VERSION", "versions", "sha256_file"]
+
+MANIFEST = "manifest.json"
+PROGRAM = "model.pt2"
+INPUTS = "inputs.safetensors"
+FORMAT = "lookupc-artifact"
+FORMAT_VERSION = 1
+_CHUNK = 1 << 20
+
+
+class ArtifactError(LookupcError):
+    """An artifact directory is missing, incomplete, modified or made for other versions."""
+
+
+# --- hashing and versions -------------------------------------------------------------------
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _manifest_digest(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def versions() -> dict:
+    """Versions that must match between the machine that compiled and the one that runs."""
+    from . import __version__
+    from .tvm_shim import tvm_version
+
+    return {"lookupc": __version__, "torch": torch.__version__.split("+")[0],
+            "tvm": tvm_version(), "python": platform.python_version()}
+
+
+# Which versions must match exactly, and why (python is informational).
+_VERSION_RULES = {
+    "lookupc": "the op schemas and manifest format",
+    "torch": "the torch.export program format",
+    "tvm": "the kernel library ABI",
+}
+
+
+# --- writing --------------------------------------------------------------------------------
+
+def write_artifact(out_dir: str | os.PathLike, *, program, example_inputs: tuple,
+                   build_library: Callable[[str], str], manifest_fields: dict,
+                   overwrite: bool = False) -> dict:
+    """Write an artifact directory (see the module docstring) and return its manifest.
+
+    Parameters
+    ----------
+    out_dir : path
+        The directory to create. An existing directory is replaced only when
+        ``overwrite`` is true and it is empty or is itself an artifact.
+    program : torch.export.ExportedProgram
+        The converted, exported model.
+    example_inputs : tuple of Tensor
+        Stored as ``inputs.safetensors``.
+    build_library : callable
+        ``build_library(path_without_suffix) -> written file path``: writes the kernel
+        library (the suffix it picks, ``.so`` or ``.tar``, is kept).
+    manifest_fields : dict
+        Target, schedule, config, shapes, program description... merged into the manifest.
+    """
+    from .model_io import save_inputs
+
+    out = Path(out_dir)
+    _prepare_dir(out, overwrite)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        torch.export.save(program, str(tmp / PROGRAM))
+        save_inputs(tuple(example_inputs), str(tmp / INPUTS))
+        library = Path(build_library(str(tmp / "kernels")))
+        if library.parent != tmp or not library.is_file():
+            raise ArtifactError(f"kernel library was not written into {tmp}: {library}")
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                        timespec="seconds"),
+                    "versions": versions(), **manifest_fields}
+        manifest["library"] = library.name
+        manifest["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                             for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest["manifest_sha256"] = _manifest_digest(manifest)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _prepare_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise LookupcInputError(f"-o {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MANIFEST).is_file():
+            raise LookupcInputError(f"-o {out}: a non-empty directory that is not a lookupc "
+                                    f"artifact; refusing to replace it")
+        if not overwrite:
+            raise LookupcInputError(f"-o {out}: artifact exists; pass --force to replace it")
+
+
+# --- verifying ------------------------------------------------------------------------------
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """Parse ``DIR/manifest.json``; raise :class:`ArtifactError` naming what is wrong."""
+    root = Path(path)
+    if not root.exists():
+        raise ArtifactError(f"{root}: no such artifact directory")
+    if not root.is_dir():
+        raise ArtifactError(f"{root}: not a directory (an artifact is a directory made by "
+                            f"'lookupc compile')")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise ArtifactError(f"{root}: not a lookupc artifact ({MANIFEST} is missing)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{mpath}: corrupt manifest ({err})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{mpath}: not a lookupc artifact manifest")
+    if manifest.get("manifest_sha256") != _manifest_digest(manifest):
+        raise ArtifactError(f"{mpath}: the manifest was edited after it was written "
+                            f"(its manifest_sha256 does not match its content)")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{mpath}: artifact format version {manifest.get('format_version')}"
+                            f", this lookupc reads version {FORMAT_VERSION}")
+    return manifest
+
+
+def _check_files(root: Path, manifest: dict) -> list[str]:
+    problems = []
+    for name, meta in manifest.get("files", {}).items():
+        p = root / name
+        if not p.is_file():
+            problems.append(f"{name} is missing")
+            continue
+        size = p.stat().st_size
+        if size != meta["bytes"]:
+            what = "truncated" if size < meta["bytes"] else "longer than written"
+            problems.append(f"{name} is {what} ({size} bytes, the manifest says "
+                            f"{meta['bytes']})")
+        elif sha256_file(p) != meta["sha256"]:
+            problems.append(f"{name} was modified (sha256 {sha256_file(p)[:16]}..., the "
+                            f"manifest says {meta['sha256'][:16]}...)")
+    for required in (PROGRAM, manifest.get("library", "kernels.so")):
+        if required not in manifest.get("files", {}):
+            problems.append(f"the manifest lists no {required}")
+    return problems
+
+
+def _check_versions(manifest: dict) -> list[str]:
+    have = versions()
+    built = manifest.get("versions", {})
+    return [f"built with {name} {built.get(name)}, this machine has {name} {have[name]} "
+            f"({why} must match)"
+            for name, why in _VERSION_RULES.items() if built.get(name) != have[name]]
+
+
+def verify(path: str | os.PathLike, *, check_versions: bool = True) -> dict:
+    """Check an artifact directory: manifest, every file's size and sha256, versions.
+
+    Returns the manifest. Raises :class:`ArtifactError` listing every problem found.
+    """
+    root = Path(path)
+    manifest = read_manifest(root)
+    problems = _check_files(root, manifest)
+    if check_versions:
+        problems += _check_versions(manifest)
+    if problems:
+        raise ArtifactError(f"{root}: artifact failed verification: " + "; ".join(problems))
+    return manifest
+
+
+# --- loading and running --------------------------------------------------------------------
+
+def load(path: str | os.PathLike, *, check_versions: bool = True) -> "Artifact":
+    """Verify and load an artifact directory; returns a callable :class:`Artifact`.
+
+    Parameters
+    ----------
+    path : path
+        Directory written by ``lookupc compile`` (or :func:`write_artifact`).
+    check_versions : bool
+        Refuse when lookupc/torch/TVM versions differ from those that built it.
+
+    Raises
+    ------
+    ArtifactError
+        Verification failed, or this machine cannot execute the target's code (another
+        architecture, or instruction-set extensions this CPU lacks).
+
+    Examples
+    --------
+    >>> model = lookupc.load("tiny_bert.lookupc")          # doctest: +SKIP
+    >>> outputs = model(*model.example_inputs)             # doctest: +SKIP
+    """
+    from .targets import TargetSpec, can_execute
+
+    root = Path(path)
+    manifest = verify(root, check_versions=check_versions)
+    spec = TargetSpec.from_dict(manifest["target"])
+    ok, why = can_execute(spec)
+    if not ok:
+        raise ArtifactError(f"{root}: cannot run this artifact here: {why}. Run it on a "
+                            f"machine of its target ({manifest.get('target_string', spec)}), "
+                            f"or compile for this one (lookupc compile ... --target host)")
+    return Artifact(root, manifest)
+
+
+class Artifact(torch.nn.Module):
+    """A loaded artifact, an ``nn.Module``: call it like the model (positional inputs);
+    it returns the tuple of outputs.
+
+    Attributes
+    ----------
+    path : Path
+    manifest : dict
+    program : torch.export.ExportedProgram
+    output_names : list of str
+    example_inputs : tuple of Tensor
+        The inputs stored at compile time.
+    schedule_name : str
+        The dispatch schedule name under which the library's kernels are registered.
+    """
+
+    def __init__(self, path: Path, manifest: dict):
+        from . import dispatch
+        from . import ops  # noqa: F401  (registers torch.ops.lookupc before loading)
+        from .model_io import load_inputs
+
+        super().__init__()
+        self.path, self.manifest = Path(path), manifest
+        self.program = torch.export.load(str(self.path / PROGRAM))
+        self.module = self.program.module()
+        self.output_names = list(manifest.get("program", {}).get("outputs", []))
+        self.example_inputs = load_inputs(str(self.path / INPUTS)) \
+            if (self.path / INPUTS).is_file() else ()
+        self.provider = _load_provider(self.path / manifest["library"], manifest)
+        self.schedule_name = f"artifact-{manifest['files'][manifest['library']]['sha256'][:12]}"
+        provider = self.provider
+        dispatch.register_provider(self.schedule_name, lambda: provider)
+
+    def forward(self, *inputs) -> tuple:
+        """Run the program with this artifact's kernels; returns the tuple of outputs."""
+        return self.run(*inputs)
+
+    def run(self, *inputs, schedule: str | None = None) -> tuple:
+        """Run with the library's kernels, or with ``schedule`` (e.g. ``"reference"``)."""
+        from . import dispatch
+
+        self._check_inputs(inputs)
+        with torch.no_grad(), dispatch.set_schedule(schedule or self.schedule_name):
+            out = self.module(*inputs)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+    def _check_inputs(self, inputs: tuple) -> None:
+        expected = self.manifest.get("program", {}).get("inputs", [])
+        if expected and len(inputs) != len(expected):
+            names = ", ".join(e["name"] for e in expected)
+            raise LookupcInputError(f"the artifact takes {len(expected)} inputs ({names}), "
+                                    f"got {len(inputs)}")
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"Artifact({str(self.path)!r}, target={m.get('target_string')!r}, "
+                f"schedule={m.get('schedule')!r}, ffns={len(m.get('kernels', []))})")
+
+
+def _load_provider(library: Path, manifest: dict):
+    """A dispatch provider whose hash/gather run the kernels in ``library``."""
+    from . import kernels
+
+    return kernels.load_library(str(library))
+
+
+# --- compiling --------------------------------------------------------------------------------
+
+TOKEN_RULE = ("kernels are generic in the token count; the program accepts any batch and "
+              "sequence length when program.dynamic_dims is true, else only the compiled "
+              "input shapes")
+
+
+def lookup_shapes(module: torch.nn.Module) -> list:
+    """Distinct :class:`lookupc.kernels.KernelShapes` of the LookupFFNs in ``module``, in
+    module order."""
+    from .kernels import KernelShapes
+    from .module import LookupFFN
+
+    shapes = []
+    for m in module.modules():
+        if isinstance(m, LookupFFN):
+            s = KernelShapes.of(m)
+            if s not in shapes:
+                shapes.append(s)
+    return shapes
+
+
+def _library_suffix(spec) -> str:
+    """``.so`` when this machine can link for the target, else ``.tar`` (objects)."""
+    from .targets import host_target
+
+    return ".so" if spec.arch == host_target().arch and shutil.which(
+        os.environ.get("CXX", "g++")) else ".tar"
+
+
+def _input_meta(loaded) -> list[dict]:
+    names = loaded.input_names or [f"input_{i}" for i in range(len(loaded.example_inputs))]
+    return [{"name": n, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+            for n, t in zip(names, loaded.example_inputs)]
+
+
+def compile_artifact(result, loaded, spec, out_dir, *, schedule: str = "hand",
+                     tuning_db: str | None = None, overwrite: bool = False,
+                     progress: bool = False) -> tuple[dict, str]:
+    """Export a converted model, build its kernels for ``spec`` and write an artifact.
+
+    Parameters
+    ----------
+    result : lookupc.ConversionResult
+        From :func:`lookupc.convert` (``.module`` holds the LookupFFNs, ``.report``).
+    loaded : lookupc.model_io.LoadedModel
+        The original model's description and example inputs.
+    spec : lookupc.targets.TargetSpec
+        Where the kernels will run.
+    out_dir : path
+        Artifact directory to write.
+    schedule : str
+        ``"naive"``, ``"hand"`` (= ``"cpu"``) or ``"tuned"`` (needs ``tuning_db``).
+
+    Returns
+    -------
+    manifest : dict
+    check : str
+        One line: how the artifact's outputs compare with the converted model in
+        PyTorch on the example inputs, or why that check could not run here.
+    """
+    from tqdm import tqdm
+
+    from . import kernels
+    from .model_io import export_program
+    from .targets import can_execute
+
+    shapes = lookup_shapes(result.module)
+    if not shapes:
+        raise LookupcInputError(f"{loaded.source}: no FFN was converted, nothing to compile "
+                                f"(see 'lookupc inspect' for why each FFN was skipped)")
+    bar = tqdm(total=3 + len(shapes), desc="compile", unit="step", disable=not progress,
+               file=None, leave=False)
+    bar.set_postfix_str("torch.export")
+    program, names, flattened, dynamic = export_program(result.module, loaded.example_inputs)
+    bar.update(1)
+
+    def build_library(stem: str) -> str:
+        path = stem + _library_suffix(spec)
+        bar.set_postfix_str(f"TVM kernels for {len(shapes)} shape(s), {schedule}")
+        kernels.export_library(shapes, spec.to_tvm(), schedule, path, tuning_db=tuning_db)
+        bar.update(len(shapes))
+        return path
+
+    report = result.report.to_dict() if hasattr(result.report, "to_dict") else str(result.report)
+    fields = {
+        "target": spec.to_dict(), "target_string": str(spec), "schedule": schedule,
+        "tuning_db": os.path.abspath(tuning_db) if tuning_db else None,
+        "kernels": [_shape_dict(s) for s in shapes],
+        "config": [_config_of(m) for m in _lookup_modules(result.module)],
+        "program": {"file": PROGRAM, "inputs": _input_meta(loaded), "outputs": names,
+                    "outputs_flattened": flattened, "dynamic_dims": dynamic,
+                    "token_rule": TOKEN_RULE},
+        "model": {"source": loaded.source, "kind": loaded.kind, **_jsonable(loaded.info)},
+        "conversion": report,
+    }
+    bar.set_postfix_str("writing")
+    manifest = write_artifact(out_dir, program=program, example_inputs=loaded.example_inputs,
+                              build_library=build_library, manifest_fields=fields,
+                              overwrite=overwrite)
+    bar.update(1)
+    ok, why = can_execute(spec)
+    if ok:
+        bar.set_postfix_str("checking")
+        check = check_against(load(out_dir), result.module, loaded.example_inputs)
+    else:
+        check = f"check   not run: this machine cannot execute the target ({why})"
+    bar.update(1)
+    bar.close()
+    return manifest, check
+
+
+def check_against(artifact: "Artifact", module: torch.nn.Module, inputs: tuple) -> str:
+    """One line comparing the artifact's outputs with ``module``'s (PyTorch reference ops)."""
+    from . import dispatch
+    from .model_io import flatten_outputs
+
+    got = artifact(*inputs)
+    with torch.no_grad(), dispatch.set_schedule("reference"):
+        want = flatten_outputs(module(*inputs))[0]
+    err = max(float((a - b).abs().max()) for a, b in zip(got, want))
+    scale = max(float(b.abs().max()) for b in want)
+    return (f"check   artifact vs converted model in PyTorch on the example inputs: "
+            f"max abs diff {err:.3g} (outputs up to {scale:.3g})")
+
+
+def _lookup_modules(module: torch.nn.Module) -> list:
+    from .module import LookupFFN
+
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, LookupFFN)]
+
+
+def _config_of(named) -> dict:
+    name, m = named
+    return {"module": name, "d_in": m.d_in, "d_out": m.d_out, **m.config.to_dict()}
+
+
+def _shape_dict(s) -> dict:
+    from dataclasses import asdict
+
+    return asdict(s)
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=str))

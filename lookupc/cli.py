@@ -1,0 +1,392 @@
+"""The ``lookupc`` command: a thin layer over the Python API.
+
+Commands: ``inspect``, ``convert``, ``compile``, ``run``, ``tune``, ``compare`` (and
+``memo`` when :mod:`lookupc.cli_memo` is installed). Importing this module imports
+neither torch nor TVM: each command imports what it needs when it runs, so
+``lookupc --help`` answers at once.
+
+Errors are one line on stderr and a non-zero exit status; ``--debug`` (or the
+environment variable ``LOOKUPC_DEBUG=1``) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import time
+
+import click
+
+__all__ = ["cli", "main"]
+
+_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+MODEL_HELP = ("MODEL is a Hugging Face model dir (config.json + safetensors, loaded locally), "
+              "a torch.export .pt2 file, or package.module:factory returning "
+              "(model, example_inputs).")
+
+# sub-command groups that live in other modules: name -> (module, attribute, short help)
+_LAZY = {"memo": ("lookupc.cli_memo", "memo", "Attention memoization (see 'lookupc memo -h').")}
+
+
+def _debug(ctx: click.Context | None) -> bool:
+    root = ctx.find_root() if ctx else None
+    return bool(os.environ.get("LOOKUPC_DEBUG")) or bool(root and root.meta.get("lookupc.debug"))
+
+
+def _one_line(err: BaseException) -> str:
+    from .errors import LookupcError
+
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, (LookupcError, ValueError, FileNotFoundError)):
+        return text
+    return f"{type(err).__name__}: {text} (run with --debug for the traceback)"
+
+
+class _Group(click.Group):
+    """Adds lazily imported sub-groups and turns exceptions into one-line errors."""
+
+    def _lazy_available(self) -> list[str]:
+        return [name for name, (module, _, _) in _LAZY.items() if _module_exists(module)]
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self._lazy_available()))
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is None and name in self._lazy_available():
+            module, attr, _ = _LAZY[name]
+            command = getattr(importlib.import_module(module), attr)
+            self.add_command(command, name)
+        return command
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, cmd.get_short_help_str(60)) for name, cmd in sorted(self.commands.items())]
+        rows += [(name, _LAZY[name][2]) for name in self._lazy_available()
+                 if name not in self.commands]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(sorted(rows))
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            raise click.Abort() from None
+        except Exception as err:
+            if _debug(ctx):
+                raise
+            raise click.ClickException(_one_line(err)) from None
+
+
+def _usage(msg: str) -> Exception:
+    from .errors import LookupcInputError
+
+    return LookupcInputError(msg)
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@click.group(cls=_Group, context_settings=_CONTEXT)
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.version_option(package_name="lookupc", prog_name="lookupc")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Compile transformer feed-forward networks into LookupFFN and TVM CPU kernels.
+
+    \b
+    lookupc inspect examples.tiny_bert:factory
+    lookupc compile examples.tiny_bert:factory -o tiny_bert.lookupc
+    lookupc run tiny_bert.lookupc
+    """
+    ctx.meta["lookupc.debug"] = debug
+
+
+# --- shared options -------------------------------------------------------------------------
+
+def _model_options(f):
+    f = click.option("--trust-pickle", is_flag=True,
+                     help="Allow a pickled .pt model (unpickling runs code from the file).")(f)
+    f = click.option("--seq-len", type=click.IntRange(min=1), default=32, show_default=True,
+                     help="Tokens per sequence of the example batch made for HF models.")(f)
+    f = click.option("--batch", type=click.IntRange(min=1), default=2, show_default=True,
+                     help="Sequences in the example batch made for HF models.")(f)
+    return f
+
+
+def _lookup_options(f):
+    f = click.option("--block-size", type=click.IntRange(min=1), default=None,
+                     help="BH4 block size (default: per FFN, min(64, padded width)).")(f)
+    f = click.option("--bits", type=click.IntRange(1, 16), default=None,
+                     help="Code bits tau per table (default 8).")(f)
+    f = click.option("--tables", type=click.IntRange(min=1), default=None,
+                     help="Hash tables h (default: hidden width / 16 per FFN).")(f)
+    return f
+
+
+def _convert_options(f):
+    f = click.option("--calibration", type=click.Path(dir_okay=False), default=None,
+                     help="Calibration inputs for --init distill (.pt/.safetensors/.npz of "
+                          "input batches; default: the example inputs).")(f)
+    f = click.option("--init", "init", type=click.Choice(["random", "distill"]),
+                     default="random", show_default=True,
+                     help="Initialise LookupFFNs randomly or distil them from the dense FFNs.")(f)
+    return _lookup_options(f)
+
+
+def _config(tables, bits, block_size):
+    """A LookupConfig when any size was given on the command line, else None (per-FFN)."""
+    if tables is None and bits is None and block_size is None:
+        return None
+    from .config import LookupConfig
+
+    given = {k: v for k, v in (("tables", tables), ("bits", bits),
+                               ("block_size", block_size)) if v is not None}
+    return LookupConfig(**given)
+
+
+def _load(model: str, batch: int, seq_len: int, trust_pickle: bool):
+    from .model_io import describe_model_spec, load_model
+
+    describe_model_spec(model)  # a bad path fails here, before any progress output
+    with _step(f"loading {model}"):
+        return load_model(model, batch=batch, seq_len=seq_len, trust_pickle=trust_pickle)
+
+
+class _step:
+    """Progress for one long step on stderr: ``what ...`` while it runs (on a terminal),
+    ``what: done (1.2 s)`` when it finishes; nothing is left behind when it fails, so an
+    error stays a single line."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.tty = sys.stderr.isatty()
+
+    def __enter__(self):
+        if self.tty:
+            click.echo(f"{self.what} ...", err=True, nl=False)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if self.tty:
+            click.echo("\r\033[K", err=True, nl=False)
+        if exc_type is None:
+            click.echo(f"{self.what}: done ({time.perf_counter() - self.t0:.1f} s)", err=True)
+
+
+def _calibration(path: str | None):
+    if path is None:
+        return None
+    from .model_io import load_inputs
+
+    return [load_inputs(path)]
+
+
+def _convert(loaded, config, init, calibration):
+    import lookupc
+
+    with _step(f"converting ({init} init)"):
+        return lookupc.convert(loaded.module, loaded.example_inputs, config=config, init=init,
+                               calibration=_calibration(calibration))
+
+
+def _print_report(report) -> None:
+    click.echo(str(report).rstrip())
+
+
+def _write_json(path: str | None, data) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+        click.echo(f"wrote {path}", err=True)
+
+
+# --- inspect ----------------------------------------------------------------------------------
+
+@cli.command(context_settings=_CONTEXT, epilog=MODEL_HELP)
+@click.argument("model")
+@_model_options
+@_lookup_options
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the report as JSON.")
+def inspect(model, batch, seq_len, trust_pickle, tables, bits, block_size, json_path):
+    """Show which FFNs of MODEL become LookupFFNs, which are skipped and why, and the
+    FLOPs and table memory before and after. MODEL may also be an artifact directory."""
+    from pathlib import Path
+
+    if Path(model, "manifest.json").is_file():
+        return _inspect_artifact(model, json_path)
+    loaded = _load(model, batch, seq_len, trust_pickle)
+    import lookupc
+
+    with _step("finding FFNs"):
+        report = lookupc.find_ffns(loaded.module, loaded.example_inputs,
+                                   config=_config(tables, bits, block_size))
+    _print_report(report)
+    _write_json(json_path, report.to_dict())
+
+
+def _inspect_artifact(path: str, json_path: str | None) -> None:
+    from .artifact import ArtifactError, verify
+
+    from .artifact import read_manifest
+
+    manifest = read_manifest(path)
+    try:
+        verify(path)
+        status = "ok (all files match their sha256, versions match)"
+    except ArtifactError as err:
+        status = f"FAILED: {str(err).split(': artifact failed verification: ', 1)[-1]}"
+    from .targets import TargetSpec, can_execute
+
+    ok, why = can_execute(TargetSpec.from_dict(manifest["target"]))
+    click.echo(f"artifact {path}")
+    click.echo(f"  target     {manifest.get('target_string')}")
+    click.echo(f"  runs here  {'yes' if ok else 'no: ' + why}")
+    click.echo(f"  schedule   {manifest.get('schedule')}")
+    click.echo(f"  versions   " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()))
+    click.echo(f"  model      {manifest.get('model', {}).get('source')}")
+    for k in manifest.get("kernels", []):
+        click.echo(f"  kernels    {k}")
+    for name, meta in manifest["files"].items():
+        click.echo(f"  file       {name:20s} {meta['bytes']:>12,d} B  sha256 {meta['sha256'][:16]}")
+    click.echo(f"  verify     {status}")
+    _write_json(json_path, manifest)
+
+
+# --- convert ----------------------------------------------------------------------------------
+
+@cli.command(context_settings=_CONTEXT, epilog=MODEL_HELP)
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the torch.export program (.pt2).")
+@_model_options
+@_convert_options
+def convert(model, output, batch, seq_len, trust_pickle, tables, bits, block_size, init,
+            calibration):
+    """Replace MODEL's FFNs with LookupFFNs and write a torch.export program (.pt2)."""
+    if not output.endswith(".pt2"):
+        raise _usage(f"-o/--output {output!r} must end in .pt2")
+    loaded = _load(model, batch, seq_len, trust_pickle)
+    result = _convert(loaded, _config(tables, bits, block_size), init, calibration)
+    _print_report(result.report)
+    import torch
+
+    from .model_io import export_program
+
+    with _step("exporting"):
+        program, names, flattened, dynamic = export_program(result.module, loaded.example_inputs)
+        torch.export.save(program, output)
+    if flattened:
+        click.echo(f"note: the model returns {_kind_of_outputs(loaded)}; the program returns "
+                   f"them flattened to a tuple ({', '.join(names)})", err=True)
+    click.echo(f"wrote {output} ({os.path.getsize(output):,} bytes, "
+               f"{'dynamic' if dynamic else 'static'} batch/sequence dims)")
+
+
+def _kind_of_outputs(loaded) -> str:
+    return "a Hugging Face output object" if loaded.kind == "hf" else "a nested output"
+
+
+# --- compile ----------------------------------------------------------------------------------
+
+@cli.command("compile", context_settings=_CONTEXT, epilog=MODEL_HELP)
+@click.argument("model")
+@click.option("--target", default=None,
+              help="Target, e.g. 'llvm -mcpu=znver2', 'llvm -mtriple=aarch64-linux-gnu "
+                   "-mcpu=neoverse-n1' (default: this machine).")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="Artifact directory to write.")
+@click.option("--schedule", type=click.Choice(["naive", "hand", "cpu", "tuned"]), default="hand",
+              show_default=True, help="Kernel schedule ('tuned' reads --tuning-db).")
+@click.option("--tuning-db", type=click.Path(file_okay=False), default=None,
+              help="MetaSchedule database from 'lookupc tune' (for --schedule tuned).")
+@click.option("--force", is_flag=True, help="Replace an existing artifact directory.")
+@_model_options
+@_convert_options
+def compile_(model, target, output, schedule, tuning_db, force, batch, seq_len, trust_pickle,
+             tables, bits, block_size, init, calibration):
+    """Convert MODEL and compile it into a deployable artifact directory for --target."""
+    from .targets import parse_target
+
+    spec = parse_target(target)
+    if schedule == "tuned" and not tuning_db:
+        raise _usage("--schedule tuned needs --tuning-db DIR (made by 'lookupc tune')")
+    loaded = _load(model, batch, seq_len, trust_pickle)
+    result = _convert(loaded, _config(tables, bits, block_size), init, calibration)
+    _print_report(result.report)
+    from .artifact import compile_artifact
+
+    manifest, check = compile_artifact(result, loaded, spec, output, schedule=schedule,
+                                       tuning_db=tuning_db, overwrite=force, progress=True)
+    click.echo(f"wrote {output}/ for {manifest['target_string']} ({schedule} schedule, "
+               f"{len(manifest['kernels'])} LookupFFN shape(s))")
+    for name, meta in manifest["files"].items():
+        click.echo(f"  {name:20s} {meta['bytes']:>12,d} bytes")
+    click.echo(check)
+
+
+# --- run --------------------------------------------------------------------------------------
+
+@cli.command(context_settings=_CONTEXT)
+@click.argument("artifact", type=click.Path())
+@click.option("--input", "input_path", type=click.Path(dir_okay=False), default=None,
+              help="Inputs (.pt tensors, .safetensors, .npy/.npz); default: the artifact's "
+                   "example inputs.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Write the outputs (.safetensors or .pt).")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Compare with the same program on the PyTorch reference ops.")
+@click.option("--repeat", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Timed runs after one warm-up (0: run once, untimed).")
+@click.option("--ignore-versions", is_flag=True,
+              help="Run even if lookupc/torch/TVM versions differ from the build's.")
+def run(artifact, input_path, output, check, repeat, ignore_versions):
+    """Load an ARTIFACT directory (verifying it) and run it."""
+    from .artifact import load
+    from .model_io import load_inputs, save_inputs
+
+    with _step(f"loading {artifact}"):
+        model = load(artifact, check_versions=not ignore_versions)
+    inputs = load_inputs(input_path) if input_path else model.example_inputs
+    outputs = model(*inputs)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        model(*inputs)
+        times.append(time.perf_counter() - t0)
+    names = model.output_names or [f"output_{i}" for i in range(len(outputs))]
+    click.echo(f"inputs  " + ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+                                       for t in inputs))
+    for name, t in zip(names, outputs):
+        click.echo(f"output  {name}: {tuple(t.shape)} {str(t.dtype).replace('torch.', '')} "
+                   f"mean {t.float().mean().item():+.5f} std {t.float().std().item():.5f}")
+    if times:
+        click.echo(f"time    {min(times) * 1e3:.2f} ms (min of {len(times)}, "
+                   f"{model.manifest['schedule']} kernels)")
+    if check:
+        ref = model.run(*inputs, schedule="reference")
+        err = max(float((a.float() - b.float()).abs().max()) for a, b in zip(outputs, ref))
+        click.echo(f"check   max |artifact - PyTorch reference| = {err:.3g}")
+    if output:
+        save_inputs(tuple(outputs), output)
+        click.echo(f"wrote {output}", err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``lookupc`` console script."""
+    cli.main(args=argv, prog_name="lookupc")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

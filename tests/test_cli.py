@@ -1,0 +1,163 @@
+"""The ``lookupc`` command's surface: fast help, lazy imports, one-line errors, MODEL parsing."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lookupc.cli import cli
+from lookupc.errors import LookupcInputError
+from lookupc.model_io import (export_program, flatten_outputs, load_inputs, load_model,
+                              save_inputs)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "lookupc.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_importing_the_cli_imports_neither_torch_nor_tvm():
+    code = ("import sys, lookupc.cli; "
+            "bad = [m for m in ('torch', 'tvm', 'transformers', 'numpy') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_help_is_fast_and_lists_the_commands():
+    t0 = time.perf_counter()
+    r = _run("--help")
+    elapsed = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr
+    for command in ("inspect", "convert", "compile", "run"):
+        assert f"  {command}" in r.stdout
+    assert elapsed < 5.0  # torch alone takes longer than this to import on a loaded box
+
+
+def test_a_bad_path_fails_in_one_line_without_loading_torch():
+    r = _run("inspect", "no/such/model")
+    assert r.returncode != 0
+    assert r.stderr.strip() == ("Error: no/such/model: no such file or directory; MODEL is a "
+                                "Hugging Face model dir (config.json + safetensors), a "
+                                "torch.export .pt2 file, or package.module:factory returning "
+                                "(model, example_inputs)")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["compile", "examples.tiny_bert:factory", "-o", "x", "--target", "llvm -mcpu=znver9"],
+     "unknown CPU -mcpu=znver9"),
+    (["compile", "examples.tiny_bert:factory", "-o", "x", "--target", "llvm -foo=1"],
+     "unknown target option -foo"),
+    (["inspect", "no_such_pkg.mod:factory"], "cannot import module 'no_such_pkg.mod'"),
+    (["run", "no/such/artifact"], "no such artifact directory"),
+    (["convert", "examples.tiny_bert:factory", "-o", "x.onnx"], "must end in .pt2"),
+])
+def test_errors_are_one_line_on_stderr(args, needle):
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code != 0
+    assert needle in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_debug_shows_the_traceback():
+    r = _run("--debug", "inspect", "no/such/model")
+    assert r.returncode != 0 and "Traceback" in r.stderr and "LookupcInputError" in r.stderr
+
+
+def test_pickle_is_refused_without_the_flag(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    path = tmp_path / "model.pt"
+    torch.save((model, (torch.randn(2, 8),)), path)
+    with pytest.raises(LookupcInputError, match="--trust-pickle"):
+        load_model(str(path))
+    result = CliRunner().invoke(cli, ["inspect", str(path)])
+    assert result.exit_code != 0 and "--trust-pickle" in result.output
+    loaded = load_model(str(path), trust_pickle=True)
+    assert loaded.kind == "pickle" and loaded.example_inputs[0].shape == (2, 8)
+
+
+def test_factory_inputs_follow_batch_and_seq_len():
+    loaded = load_model("examples.tiny_bert:factory", batch=3, seq_len=7)
+    (ids,) = loaded.example_inputs
+    assert ids.shape == (3, 7) and ids.dtype == torch.int64
+    out = loaded.module(ids)
+    assert out.shape == (3, 7, 128)
+
+
+def test_hf_model_dir_loads_locally(hf_bert_dir):
+    loaded = load_model(str(hf_bert_dir), batch=2, seq_len=12)
+    assert loaded.kind == "hf" and loaded.input_names == ["input_ids", "attention_mask"]
+    ids, mask = loaded.example_inputs
+    assert ids.shape == mask.shape == (2, 12) and int(ids.max()) < 100
+    with pytest.raises(LookupcInputError, match="max_position_embeddings=64"):
+        load_model(str(hf_bert_dir), seq_len=65)
+
+
+def test_hf_dir_without_safetensors_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(LookupcInputError, match="no \\*.safetensors.*pickled weights"):
+        load_model(str(tmp_path))
+
+
+def test_hf_outputs_are_flattened_for_export(hf_bert_dir, tmp_path):
+    loaded = load_model(str(hf_bert_dir), batch=2, seq_len=8)
+    program, names, flattened, dynamic = export_program(loaded.module, loaded.example_inputs)
+    assert flattened and names == ["last_hidden_state", "pooler_output"]
+    torch.export.save(program, tmp_path / "m.pt2")
+    back = torch.export.load(tmp_path / "m.pt2").module()
+    ids = torch.randint(0, 100, (3, 5))
+    got = back(ids, torch.ones_like(ids))
+    want = loaded.module(ids, torch.ones_like(ids))
+    assert isinstance(got, tuple) and len(got) == 2 and dynamic
+    torch.testing.assert_close(got[0], want.last_hidden_state)
+    torch.testing.assert_close(got[1], want.pooler_output)
+    # the .pt2 is itself a MODEL, with the stored example inputs
+    again = load_model(str(tmp_path / "m.pt2"))
+    assert again.kind == "pt2" and again.example_inputs[0].shape == (2, 8)
+
+
+def test_flatten_outputs_names_nested_values():
+    t = torch.zeros(1)
+    tensors, names = flatten_outputs({"a": t, "b": (t, {"c": t}), "d": None})
+    assert names == ["a", "b.0", "b.1.c"] and len(tensors) == 3
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors", ".npz"])
+def test_input_files_round_trip(tmp_path, suffix):
+    inputs = (torch.randint(0, 9, (2, 3)), torch.randn(2, 3))
+    path = tmp_path / f"in{suffix}"
+    if suffix == ".npz":
+        import numpy as np
+
+        np.savez(path, *[t.numpy() for t in inputs])
+    else:
+        save_inputs(inputs, str(path))
+    back = load_inputs(str(path))
+    assert len(back) == 2
+    for a, b in zip(back, inputs):
+        torch.testing.assert_close(a, b)
+
+
+def test_input_file_errors(tmp_path):
+    with pytest.raises(LookupcInputError, match="no such file"):
+        load_inputs(str(tmp_path / "nope.pt"))
+    (tmp_path / "x.txt").write_text("1")
+    with pytest.raises(LookupcInputError, match="unknown input file type"):
+        load_inputs(str(tmp_path / "x.txt"))
+
+
+@pytest.fixture(scope="module")
+def hf_bert_dir(tmp_path_factory):
+    from cli_models import make_hf_bert
+
+    return make_hf_bert(tmp_path_factory.mktemp("hf_bert"))
