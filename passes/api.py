@@ -1,0 +1,259 @@
+"""Public frontend API: :func:`find_ffns`, :func:`convert`, :class:`ConversionResult`.
+
+``convert`` runs, on a deep copy of the model: analysis (``torch.export``, see
+:mod:`lookupc.passes.match_ffn`), :class:`~lookupc.passes.rewrite_modules.SwapFFNModules`,
+:class:`~lookupc.passes.rewrite_functional.RewriteFunctionalFFNs`, then checks the
+rewrite end to end (each LookupFFN slot temporarily holds the dense original, and
+the model's outputs must equal the original model's), and optionally distills.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Union
+
+import torch
+from torch import nn
+
+from lookupc.config import LookupConfig
+from lookupc.errors import LookupcError, LookupcInputError, PassError
+from lookupc.module import LookupFFN
+
+from .infra import run_passes
+from .match_ffn import FFNMatch, FFNMatches, Skipped, analyze, normalize_inputs, tensor_leaves
+from .replacement import Replacement
+from .report import ConversionReport, MatchedFFN
+from .rewrite_functional import RewriteFunctionalFFNs
+from .rewrite_modules import SwapFFNModules
+
+__all__ = ["find_ffns", "convert", "ConversionResult", "Replacement", "FFNMatch"]
+
+ConfigSpec = Union[None, LookupConfig, Mapping[str, LookupConfig],
+                   Callable[[FFNMatch], "LookupConfig | None"]]
+_INITS = ("random", "distill")
+
+
+@dataclass
+class ConversionResult:
+    """Output of :func:`convert`.
+
+    ``module`` is the converted model (the input is never modified), ``report`` what
+    happened, ``replacements`` one :class:`Replacement` per ``report.matched`` entry
+    (same order) with the LookupFFN inside ``module`` and an eval-mode dense copy.
+    """
+
+    module: nn.Module
+    report: ConversionReport
+    replacements: list[Replacement] = field(default_factory=list)
+
+
+def find_ffns(model: nn.Module, example_inputs: Any) -> FFNMatches:
+    """Find every Linear -> GELU -> Linear in ``model`` (the model is not changed).
+
+    Parameters
+    ----------
+    model : nn.Module
+    example_inputs : tuple, dict or Tensor
+        Positional arguments (tuple), keyword arguments (dict, e.g. ``input_ids``,
+        ``attention_mask``) or a single tensor.
+
+    Returns
+    -------
+    FFNMatches
+        A list of :class:`FFNMatch` (``.name``, ``.d_in``, ``.d_hidden``, ``.d_out``,
+        ``.activation`` in ``{'gelu', 'gelu_tanh'}``); ``.skipped`` lists the
+        FFN-like chains that were not matched as ``(location, reason)``.
+
+    Examples
+    --------
+    >>> m = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    >>> [(f.name, f.d_hidden, f.activation) for f in find_ffns(m, (torch.randn(2, 8),))]
+    [('0', 32, 'gelu')]
+    """
+    analysis = analyze(model, example_inputs)
+    return FFNMatches(analysis.matches, analysis.skipped)
+
+
+def _check_config(config: ConfigSpec) -> None:
+    if config is None or isinstance(config, LookupConfig) or callable(config):
+        return
+    if isinstance(config, Mapping):
+        bad = {k: v for k, v in config.items() if v is not None and not isinstance(v, LookupConfig)}
+        if bad:
+            raise LookupcInputError(f"config[{next(iter(bad))!r}] must be a LookupConfig or None")
+        return
+    raise LookupcInputError("config must be None, a LookupConfig, a dict name -> LookupConfig "
+                            f"or a callable match -> LookupConfig, got {type(config).__name__}")
+
+
+def _config_for(config: ConfigSpec, match: FFNMatch) -> LookupConfig | None:
+    """The LookupConfig for ``match``; ``None`` means "leave this FFN dense"."""
+    default = LookupConfig.for_ffn(match.d_in, match.d_hidden, match.d_out)
+    if config is None:
+        return default
+    if isinstance(config, LookupConfig):
+        cfg = config
+    elif isinstance(config, Mapping):
+        cfg = config.get(match.name, default) if match.name in config else default
+    else:
+        cfg = config(match)
+    if cfg is not None and not isinstance(cfg, LookupConfig):
+        raise LookupcInputError(f"config for FFN {match.name!r} must be a LookupConfig, "
+                                f"got {type(cfg).__name__}")
+    if cfg is not None:
+        try:
+            cfg.check_for(match.d_in)
+        except ValueError as exc:
+            raise LookupcInputError(f"config for FFN {match.name!r}: {exc}") from exc
+    return cfg
+
+
+def _make_lookup(module: nn.Module, match: FFNMatch, cfg: LookupConfig) -> LookupFFN:
+    w = module.get_parameter(match.fc1_weight)
+    return LookupFFN(match.d_in, match.d_out, cfg).to(device=w.device, dtype=w.dtype)
+
+
+@contextlib.contextmanager
+def _eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Put ``modules`` in eval mode and restore every submodule's flag afterwards."""
+    flags = [(m, m.training) for root in modules for m in root.modules()]
+    try:
+        for root in modules:
+            root.eval()
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _compare(expected: list[torch.Tensor], got: list[torch.Tensor]) -> str | None:
+    if len(expected) != len(got):
+        return f"the model returns {len(got)} tensors instead of {len(expected)}"
+    for i, (a, b) in enumerate(zip(expected, got)):
+        if a.shape != b.shape:
+            return f"output {i} has shape {tuple(b.shape)} instead of {tuple(a.shape)}"
+        if a.is_floating_point():
+            if not torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True):
+                return f"output {i} differs by up to {float((a - b).abs().max()):.3g}"
+        elif not torch.equal(a, b):
+            return f"output {i} differs"
+    return None
+
+
+def verify_rewrite(original: nn.Module, converted: nn.Module,
+                   replacements: list[Replacement], example_inputs: Any) -> None:
+    """Raise PassError unless ``converted`` with each LookupFFN slot holding the dense
+    original computes what ``original`` computes on ``example_inputs``."""
+    args, kwargs = normalize_inputs(example_inputs)
+    with torch.no_grad(), _eval_mode(original, converted):
+        expected = tensor_leaves(original(*args, **kwargs))
+        for r in replacements:
+            converted.set_submodule(r.slot, r.dense)
+        try:
+            got = tensor_leaves(converted(*args, **kwargs))
+        finally:
+            for r in replacements:
+                converted.set_submodule(r.slot, r.lookup)
+    problem = _compare(expected, got)
+    if problem is not None:
+        raise PassError("verify_rewrite", f"the rewritten model with its dense FFNs put back "
+                        f"does not compute the original: {problem}")
+
+
+def _run_rewrites(model: nn.Module, matches: list[FFNMatch], lookups: dict[str, LookupFFN],
+                  ) -> tuple[nn.Module, list[Replacement], list[Skipped]]:
+    leaves = {p for m in matches for p, w in ((m.fc1, m.fc1_weight), (m.fc2, m.fc2_weight))
+              if p != w}
+    swap = SwapFFNModules(matches, lookups)
+    functional = RewriteFunctionalFFNs(matches, lookups, leaves)
+    result = run_passes([swap, functional], copy.deepcopy(model))
+    return result.module, swap.replacements + functional.replacements, functional.skipped
+
+
+def _distill(result: ConversionResult, model: nn.Module, calibration: Any,
+             options: dict | None) -> None:
+    try:
+        distill = importlib.import_module("lookupc.distill")
+        fn = distill.distill_conversion
+    except (ImportError, AttributeError) as exc:
+        raise LookupcError("init='distill' needs lookupc.distill.distill_conversion, which is "
+                           f"not available: {exc}") from exc
+    fn(result, model, calibration, **(options or {}))
+
+
+def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
+            init: str = "random", calibration: Any = None,
+            distill_options: dict | None = None) -> ConversionResult:
+    """Replace every Linear -> GELU -> Linear of ``model`` with a LookupFFN.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Not modified; the result holds a converted deep copy.
+    example_inputs : tuple, dict or Tensor
+        As for :func:`find_ffns`.
+    config : LookupConfig, dict, callable or None
+        None: ``LookupConfig.for_ffn`` sized from each FFN; one LookupConfig for all;
+        a dict ``name -> LookupConfig`` (missing names get the default, ``None``
+        leaves that FFN dense); or a callable ``match -> LookupConfig | None``.
+    init : {'random', 'distill'}
+        'random' keeps the LookupFFN's random init; 'distill' fits each LookupFFN
+        to the dense FFN it replaces on ``calibration`` (see ``lookupc.distill``).
+    calibration : optional
+        Calibration inputs for ``init='distill'``.
+    distill_options : dict, optional
+        Keyword arguments of ``lookupc.distill.distill_conversion``.
+
+    Returns
+    -------
+    ConversionResult
+        ``.module``, ``.report`` and ``.replacements``.
+
+    Examples
+    --------
+    >>> m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+    >>> r = convert(m, (torch.randn(2, 64),))
+    >>> len(r.report.matched), r.report.flops_after < r.report.flops_before
+    (1, True)
+    """
+    if init not in _INITS:
+        raise LookupcInputError(f"init must be one of {_INITS}, got {init!r}")
+    if init == "distill" and calibration is None:
+        raise LookupcInputError("init='distill' needs calibration data (calibration=None)")
+    _check_config(config)
+    analysis = analyze(model, example_inputs)
+    skipped = list(analysis.skipped)
+    if isinstance(config, Mapping):
+        unknown = set(config) - {m.name for m in analysis.matches}
+        if unknown:
+            raise LookupcInputError(f"config names FFNs that were not found: {sorted(unknown)}; "
+                                    f"found: {[m.name for m in analysis.matches]}")
+    matches, configs = [], {}
+    for m in analysis.matches:
+        cfg = _config_for(config, m)
+        if cfg is None:
+            skipped.append(Skipped(m.name, "left dense by the config"))
+            continue
+        matches.append(m)
+        configs[m.name] = cfg
+    lookups = {m.name: _make_lookup(model, m, configs[m.name]) for m in matches}
+    module, replacements, rewrite_skipped = _run_rewrites(model, matches, lookups)
+    skipped += rewrite_skipped
+    verify_rewrite(model, module, replacements, example_inputs)
+    by_name = {m.name: m for m in matches}
+    replacements.sort(key=lambda r: [m.name for m in matches].index(r.name))
+    report = ConversionReport(
+        [_matched(by_name[r.name], r.lookup) for r in replacements], skipped)
+    result = ConversionResult(module, report, replacements)
+    if init == "distill":
+        _distill(result, model, calibration, distill_options)
+    return result
+
+
+def _matched(m: FFNMatch, lookup: LookupFFN) -> MatchedFFN:
+    return MatchedFFN(m.name, m.d_in, m.d_hidden, m.d_out, m.activation, m.form,
+                      lookup.config, m.dense_flops(), lookup.flops_per_token(),
+                      lookup.table_bytes())

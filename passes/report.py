@@ -1,0 +1,99 @@
+"""What :func:`lookupc.convert` did: :class:`MatchedFFN` rows and the :class:`ConversionReport`.
+
+FLOPs are per token (multiply-add = 2, bias adds counted, activation not), summed
+over the replaced FFNs: ``flops_before`` for the dense FFNs, ``flops_after`` for the
+LookupFFNs that replace them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lookupc.config import LookupConfig
+
+from .match_ffn import Skipped
+
+__all__ = ["MatchedFFN", "ConversionReport"]
+
+
+@dataclass
+class MatchedFFN:
+    """One replaced FFN. ``rel_error`` is set by distillation (held-out relative error)."""
+
+    name: str
+    d_in: int
+    d_hidden: int
+    d_out: int
+    activation: str
+    form: str
+    config: LookupConfig
+    flops_before: int
+    flops_after: int
+    table_bytes: int
+    rel_error: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "d_in": self.d_in, "d_hidden": self.d_hidden,
+                "d_out": self.d_out, "activation": self.activation, "form": self.form,
+                "config": self.config.to_dict(), "flops_before": self.flops_before,
+                "flops_after": self.flops_after, "table_bytes": self.table_bytes,
+                "rel_error": self.rel_error}
+
+
+@dataclass
+class ConversionReport:
+    """Matched and skipped FFNs with FLOPs per token and table memory."""
+
+    matched: list[MatchedFFN] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    @property
+    def flops_before(self) -> int:
+        return sum(m.flops_before for m in self.matched)
+
+    @property
+    def flops_after(self) -> int:
+        return sum(m.flops_after for m in self.matched)
+
+    @property
+    def table_bytes(self) -> int:
+        return sum(m.table_bytes for m in self.matched)
+
+    def to_dict(self) -> dict:
+        return {"matched": [m.to_dict() for m in self.matched],
+                "skipped": [{"location": s.location, "reason": s.reason} for s in self.skipped],
+                "flops_before": self.flops_before, "flops_after": self.flops_after,
+                "table_bytes": self.table_bytes}
+
+    def _rows(self) -> list[list[str]]:
+        rows = [["location", "d_in-d_hid-d_out", "act", "form", "h x tau / bs",
+                 "FLOPs dense", "FLOPs lookup", "tables", "rel_err"]]
+        for m in self.matched:
+            c = m.config
+            rows.append([m.name, f"{m.d_in}-{m.d_hidden}-{m.d_out}", m.activation, m.form,
+                         f"{c.tables}x{c.bits} / {c.block_size}", f"{m.flops_before:,}",
+                         f"{m.flops_after:,}", _bytes(m.table_bytes),
+                         "-" if m.rel_error is None else f"{m.rel_error:.4f}"])
+        return rows
+
+    def __str__(self) -> str:
+        rows = self._rows()
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        fmt = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
+        lines = [f"lookupc conversion: {len(self.matched)} FFN(s) replaced, "
+                 f"{len(self.skipped)} skipped", fmt(rows[0]), fmt(["-" * w for w in widths])]
+        lines += [fmt(r) for r in rows[1:]]
+        if self.matched:
+            ratio = self.flops_before / max(1, self.flops_after)
+            lines.append(f"total FFN FLOPs/token: {self.flops_before:,} -> {self.flops_after:,} "
+                         f"(dense/lookup {ratio:.2f}x); tables {_bytes(self.table_bytes)}")
+        for s in self.skipped:
+            lines.append(f"skipped {s.location}: {s.reason}")
+        return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
