@@ -82,6 +82,31 @@ class Nested(nn.Module):
         return self.head(x)
 
 
+class SharedAct(nn.Module):
+    """Two FFNs that call one shared ``nn.GELU`` module (it cannot be swapped away)."""
+
+    def __init__(self, d: int = D, h: int = H):
+        super().__init__()
+        self.fc1a, self.fc2a = nn.Linear(d, h), nn.Linear(h, d)
+        self.fc1b, self.fc2b = nn.Linear(d, h), nn.Linear(h, d)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        x = x + self.fc2a(self.act(self.fc1a(x)))
+        return x + self.fc2b(self.act(self.fc1b(x)))
+
+
+class TiedFFN(nn.Module):
+    """One FFN applied twice (shared weights): replaced nowhere, with a reason."""
+
+    def __init__(self, d: int = D, h: int = H):
+        super().__init__()
+        self.ffn = ModuleFFN(d, h)
+
+    def forward(self, x):
+        return self.ffn(self.ffn(x))
+
+
 class ActFFN(nn.Module):
     """fc1 -> ``act`` -> fc2 for any activation module (negative cases)."""
 
@@ -156,11 +181,12 @@ def positive_models() -> dict[str, nn.Module]:
         "functional_tanh": FunctionalFFN(approximate="tanh"),
         "written_tanh": WrittenTanhFFN(),
         "nested": Nested(),
+        "shared_act": SharedAct(),
     }
 
 
 EXPECTED = {"module": 1, "module_tanh": 1, "module_dropout": 1, "functional": 1,
-            "functional_tanh": 1, "written_tanh": 1, "nested": 2}
+            "functional_tanh": 1, "written_tanh": 1, "nested": 2, "shared_act": 2}
 
 
 def example_input(batch: int = 2, seq: int = 5, d: int = D) -> torch.Tensor:

@@ -21,6 +21,7 @@ Steps of :func:`analyze`:
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -61,7 +62,8 @@ class FFNMatch:
     ``name`` is fc1's location (module path, or the weight's path for a functional
     ``F.linear``); ``form`` is ``'module'`` when fc1, the activation and fc2 are whole
     submodules that can be swapped, else ``'functional'`` (rewritten by fx inside
-    ``container``).
+    ``container``). ``calls`` counts how often the same FFN (same weights) runs per
+    forward; all calls share the one replacement.
     """
 
     name: str
@@ -81,6 +83,7 @@ class FFNMatch:
     act_modules: tuple[str, ...]
     deviation: float
     dtype: torch.dtype
+    calls: int = 1
 
     def dense_flops(self) -> int:
         """FLOPs per token of the dense FFN (multiply-add 2, bias adds 1, activation 0)."""
@@ -503,6 +506,12 @@ def analyze_program(ep: torch.export.ExportedProgram) -> FFNAnalysis:
         if rejected and rejected[0] == "fc2_consumes_activation" and not _is_gelu(cand):
             continue  # neither a GELU nor a second Linear: not FFN-like (e.g. a pooler)
         reason = rejected[1] if rejected else None
+        same = [i for i, m in enumerate(result.matches)
+                if (m.fc1_weight, m.fc2_weight) == (site.weight, getattr(cand.fc2, "weight", ""))]
+        if reason is None and same:  # the same FFN called again (tied weights)
+            m = result.matches[same[0]]
+            result.matches[same[0]] = dataclasses.replace(m, calls=m.calls + 1)
+            continue
         if reason is None and (site.location in used or cand.fc2.location in used):
             other = used.get(site.location) or used.get(cand.fc2.location)
             reason = f"overlaps with the FFN at '{other}' (shares a Linear with it)"

@@ -33,10 +33,11 @@ GOLDEN = {
     "nested": (["layer_norm", "linear", "gelu", "dropout", "linear", "add",
                 "layer_norm", "linear", "gelu", "linear", "add", "add", "linear"],
                ["layer_norm", *LOOKUP, "add", "layer_norm", *LOOKUP, "add", "add", "linear"]),
+    "shared_act": (["linear", "gelu", "linear", "add"] * 2, (LOOKUP + ["add"]) * 2),
 }
 ACTIVATION = {"module": "gelu", "module_tanh": "gelu_tanh", "module_dropout": "gelu",
               "functional": "gelu", "functional_tanh": "gelu_tanh", "written_tanh": "gelu_tanh",
-              "nested": "gelu"}
+              "nested": "gelu", "shared_act": "gelu"}
 NEGATIVE_REASON = {"relu": "not GELU", "silu": "not GELU", "quick_gelu": "not GELU",
                    "swiglu": "gated", "geglu": "gated", "hidden_twice": "also used",
                    "norm_between": "not to a Linear"}
@@ -283,3 +284,42 @@ def test_export_converted_with_dynamic_dims(converted, x):
     assert targets.count("lookupc.hash") == 2 and targets.count("lookupc.gather") == 2
     x2 = torch.randn(3, 11, tm.D)
     assert torch.allclose(ep.module()(x2), eval_out(result.module, x2), atol=1e-6)
+
+
+def test_tied_ffn_called_twice(x):
+    """One FFN module applied twice: one match with calls == 2, both calls replaced."""
+    model = tm.TiedFFN()
+    result = lookupc.convert(model, (x,))
+    (found,) = lookupc.find_ffns(model, (x,))
+    assert found.calls == 2 and result.report.skipped == []
+    (rep,) = result.replacements
+    assert exported_targets(result.module, x) == LOOKUP * 2
+    check = copy.deepcopy(result.module)
+    check.set_submodule(rep.slot, rep.dense)
+    assert torch.equal(eval_out(check, x), eval_out(model, x))
+
+
+def test_init_distill_calls_distill_conversion(x, monkeypatch):
+    import types
+
+    calls = []
+    fake = types.ModuleType("lookupc.distill")
+
+    def distill_conversion(result, model, calibration, **options):
+        calls.append((model, calibration, options))
+        for m in result.report.matched:
+            m.rel_error = 0.5
+
+    fake.distill_conversion = distill_conversion
+    monkeypatch.setitem(sys.modules, "lookupc.distill", fake)
+    model, calib = tm.ModuleFFN(), [(x,)]
+    result = lookupc.convert(model, (x,), init="distill", calibration=calib,
+                             distill_options={"steps": 3})
+    assert calls == [(model, calib, {"steps": 3})]
+    assert result.report.matched[0].rel_error == 0.5 and "0.5000" in str(result.report)
+
+
+def test_init_distill_without_module_is_a_clear_error(x, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lookupc.distill", None)
+    with pytest.raises(lookupc.LookupcError, match="distill_conversion"):
+        lookupc.convert(tm.ModuleFFN(), (x,), init="distill", calibration=[(x,)])
