@@ -191,3 +191,14 @@ EXPECTED = {"module": 1, "module_tanh": 1, "module_dropout": 1, "functional": 1,
 
 def example_input(batch: int = 2, seq: int = 5, d: int = D) -> torch.Tensor:
     return torch.randn(batch, seq, d)
+
+
+class TiedOutsideFFN(nn.Module):
+    """fc1/fc2 reused once with GELU and once with ReLU between: must not be replaced."""
+
+    def __init__(self, d: int = D, h: int = H):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(d, h), nn.GELU(), nn.Linear(h, d)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x))) + self.fc2(torch.relu(self.fc1(x)))

@@ -254,11 +254,23 @@ def _node_inputs(node: fx.Node) -> list[fx.Node]:
 # --------------------------------------------------------------------------- sites
 
 
-def _site_location(view: GraphView, weight: str, nodes: tuple[fx.Node, ...]) -> tuple:
-    owner = weight.rsplit(".", 1)[0] if "." in weight else ""
-    if owner and set(view.nodes_under(owner)) == set(nodes):
-        return owner, owner
-    return None, weight
+def _owner(weight: str) -> str:
+    return weight.rsplit(".", 1)[0] if "." in weight else ""
+
+
+def _with_locations(view: GraphView, sites: list[LinearSite]) -> list[LinearSite]:
+    """Set each site's ``module`` (its owner module, when that module computes nothing but
+    this site's calls) and ``location`` (that module path, else the weight's path)."""
+    calls: dict[str, set[fx.Node]] = {}
+    for s in sites:
+        calls.setdefault(s.weight, set()).update(s.nodes)
+    out = []
+    for s in sites:
+        owner = _owner(s.weight)
+        pure = bool(owner) and set(view.nodes_under(owner)) == calls[s.weight]
+        out.append(dataclasses.replace(s, module=owner if pure else None,
+                                       location=owner if pure else s.weight))
+    return out
 
 
 def _linear_site(view: GraphView, n: fx.Node) -> LinearSite | None:
@@ -268,9 +280,10 @@ def _linear_site(view: GraphView, n: fx.Node) -> LinearSite | None:
     bname = view.param_name(b) if b is not None else None
     if wname is None or (b is not None and bname is None):
         return None
+    if "val" not in w.meta:
+        return None
     d_out, d_in = w.meta["val"].shape
-    module, loc = _site_location(view, wname, (n,))
-    return LinearSite(n, n, x, (n,), wname, bname, int(d_in), int(d_out), "linear", module, loc)
+    return LinearSite(n, n, x, (n,), wname, bname, int(d_in), int(d_out), "linear", None, wname)
 
 
 def _conv1d_site(view: GraphView, n: fx.Node) -> LinearSite | None:
@@ -282,15 +295,16 @@ def _conv1d_site(view: GraphView, n: fx.Node) -> LinearSite | None:
         return None
     if v.target not in _VIEW_OPS or len(v.users) != 1:
         return None
+    if "val" not in w.meta:
+        return None
     d_in, d_out = (int(s) for s in w.meta["val"].shape)
     nodes = [v, n]
     out = n
     if len(n.users) == 1 and next(iter(n.users)).target in _VIEW_OPS:
         out = next(iter(n.users))
         nodes.append(out)
-    module, loc = _site_location(view, wname, tuple(nodes))
     return LinearSite(v, out, v.args[0], tuple(nodes), wname, bname, d_in, d_out, "conv1d",
-                      module, loc)
+                      None, wname)
 
 
 def find_sites(view: GraphView) -> list[LinearSite]:
@@ -304,7 +318,7 @@ def find_sites(view: GraphView) -> list[LinearSite]:
             site = _conv1d_site(view, n)
         if site is not None:
             sites.append(site)
-    return sites
+    return _with_locations(view, sites)
 
 
 # --------------------------------------------------------------------------- candidates
@@ -460,36 +474,41 @@ def _common_prefix(paths: list[str]) -> str:
     return ".".join(out)
 
 
-def _act_modules(view: GraphView, c: Candidate, container: str) -> tuple[str, ...] | None:
-    """Submodules that hold exactly the activation chain, or None if there are none."""
+def _act_modules(view: GraphView, closure: list[fx.Node],
+                 container: str) -> tuple[str, ...] | None:
+    """Submodules that hold exactly the activation chain (all calls), or None."""
     paths = []
-    for n in c.closure:
+    for n in closure:
         p = view.path(n)
         if p is None or p == container or (container and not p.startswith(container + ".")):
             return None
         if p not in paths:
             paths.append(p)
     top = [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
-    members = set(c.closure)
+    members = set(closure)
     if any(not set(view.nodes_under(p)) <= members for p in top):
         return None
     return tuple(top)
 
 
-def _to_match(view: GraphView, c: Candidate) -> FFNMatch:
+def _to_match(view: GraphView, calls: list[Candidate]) -> FFNMatch:
+    """One match from every call of the same FFN (one call unless weights are reused)."""
+    c = calls[0]
     fc1, fc2 = c.fc1, c.fc2
-    paths = [view.path(n) or "" for n in (*fc1.nodes, *c.closure, *fc2.nodes)]
-    container = _common_prefix(paths)
+    closure = sorted({n for k in calls for n in k.closure}, key=view.order.__getitem__)
+    nodes = [n for k in calls for n in (*k.fc1.nodes, *k.closure, *k.fc2.nodes)]
+    container = _common_prefix([view.path(n) or "" for n in nodes])
     if container in (fc1.module, fc2.module):
-        container = container.rsplit(".", 1)[0] if "." in container else ""
-    acts = _act_modules(view, c, container) if fc1.module and fc2.module else None
+        container = _owner(container)
+    acts = _act_modules(view, closure, container) if fc1.module and fc2.module else None
     cls = c.classes[c.exits[0]]
     return FFNMatch(
         name=fc1.location, d_in=fc1.d_in, d_hidden=fc1.d_out, d_out=fc2.d_out,
         activation=cls.kind, fc1=fc1.location, fc2=fc2.location, fc1_weight=fc1.weight,
         fc2_weight=fc2.weight, fc1_bias=fc1.bias is not None, fc2_bias=fc2.bias is not None,
         fc1_kind=fc1.kind, form="module" if acts else "functional", container=container,
-        act_modules=acts or (), deviation=cls.deviation, dtype=c.fc1.out.meta["val"].dtype)
+        act_modules=acts or (), deviation=max(k.classes[k.exits[0]].deviation for k in calls),
+        dtype=fc1.out.meta["val"].dtype, calls=len(calls))
 
 
 def analyze_program(ep: torch.export.ExportedProgram) -> FFNAnalysis:
@@ -497,7 +516,9 @@ def analyze_program(ep: torch.export.ExportedProgram) -> FFNAnalysis:
     view = GraphView(ep)
     sites = find_sites(view)
     by_first = {s.first: s for s in sites}
-    result, used = FFNAnalysis(), {}
+    result = FFNAnalysis()
+    accepted: dict[tuple[str, str], list[Candidate]] = {}
+    used: dict[str, str] = {}
     for site in sites:
         cand = _candidate(view, site, by_first)
         if cand is None:
@@ -506,11 +527,9 @@ def analyze_program(ep: torch.export.ExportedProgram) -> FFNAnalysis:
         if rejected and rejected[0] == "fc2_consumes_activation" and not _is_gelu(cand):
             continue  # neither a GELU nor a second Linear: not FFN-like (e.g. a pooler)
         reason = rejected[1] if rejected else None
-        same = [i for i, m in enumerate(result.matches)
-                if (m.fc1_weight, m.fc2_weight) == (site.weight, getattr(cand.fc2, "weight", ""))]
-        if reason is None and same:  # the same FFN called again (tied weights)
-            m = result.matches[same[0]]
-            result.matches[same[0]] = dataclasses.replace(m, calls=m.calls + 1)
+        key = (site.weight, cand.fc2.weight if cand.fc2 else "")
+        if reason is None and key in accepted:  # the same FFN called again (tied weights)
+            accepted[key].append(cand)
             continue
         if reason is None and (site.location in used or cand.fc2.location in used):
             other = used.get(site.location) or used.get(cand.fc2.location)
@@ -518,10 +537,27 @@ def analyze_program(ep: torch.export.ExportedProgram) -> FFNAnalysis:
         if reason is not None:
             result.skipped.append(Skipped(site.location, reason))
             continue
-        match = _to_match(view, cand)
-        used[site.location] = used[cand.fc2.location] = match.name
-        result.matches.append(match)
+        accepted[key] = [cand]
+        used[site.location] = used[cand.fc2.location] = site.location
+    for calls in accepted.values():
+        reason = _tied_elsewhere(sites, calls)
+        if reason:
+            result.skipped.append(Skipped(calls[0].fc1.location, reason))
+        else:
+            result.matches.append(_to_match(view, calls))
     return result
+
+
+def _tied_elsewhere(sites: list[LinearSite], calls: list[Candidate]) -> str | None:
+    """A reason if fc1's or fc2's weight is also used by a linear outside these calls."""
+    for which in ("fc1", "fc2"):
+        mine = {getattr(k, which).first for k in calls}
+        weight = getattr(calls[0], which).weight
+        others = [s for s in sites if s.weight == weight and s.first not in mine]
+        if others:
+            return (f"{which}'s weight {weight} is also used by another Linear call that is "
+                    "not this FFN (tied weights)")
+    return None
 
 
 def analyze(model: nn.Module, example_inputs: Any) -> FFNAnalysis:

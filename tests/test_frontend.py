@@ -323,3 +323,12 @@ def test_init_distill_without_module_is_a_clear_error(x, monkeypatch):
     monkeypatch.setitem(sys.modules, "lookupc.distill", None)
     with pytest.raises(lookupc.LookupcError, match="distill_conversion"):
         lookupc.convert(tm.ModuleFFN(), (x,), init="distill", calibration=[(x,)])
+
+
+def test_weights_reused_outside_the_ffn_are_not_replaced(x):
+    model = tm.TiedOutsideFFN()
+    result = lookupc.convert(model, (x,))
+    assert result.report.matched == []
+    reasons = [reason for _, reason in result.report.skipped]
+    assert any("tied weights" in r for r in reasons) and any("not GELU" in r for r in reasons)
+    assert torch.equal(eval_out(result.module, x), eval_out(model, x))

@@ -119,13 +119,13 @@ def minilm():
 
 def test_minilm_six_ffns(minilm):
     example = _inputs(2, 16)
-    found = lookupc.find_ffns(minilm, example)
-    assert [f.name for f in found] == [f"encoder.layer.{i}.intermediate.dense" for i in range(6)]
-    assert all((f.d_in, f.d_hidden, f.d_out, f.activation) == (384, 1536, 384, "gelu")
-               for f in found)
     result = lookupc.convert(minilm, example)
     report = result.report
-    assert len(report.matched) == 6 and len(result.replacements) == 6
+    assert [f.name for f in report.matched] == [
+        f"encoder.layer.{i}.intermediate.dense" for i in range(6)]
+    assert all((f.d_in, f.d_hidden, f.d_out, f.activation, f.form)
+               == (384, 1536, 384, "gelu", "module") for f in report.matched)
+    assert len(result.replacements) == 6 and report.skipped == []
     assert report.flops_before == 6 * (2 * 384 * 1536 * 2 + 1536 + 384)
     assert report.flops_after < report.flops_before
     assert "encoder.layer.5.intermediate.dense" in str(report)
@@ -133,3 +133,30 @@ def test_minilm_six_ffns(minilm):
     out = _last_hidden(result.module, _inputs(3, 21, seed=3))
     assert out.shape == (3, 21, 384) and torch.isfinite(out).all()
     assert isinstance(minilm.encoder.layer[0].intermediate.dense, nn.Linear)
+
+
+def test_albert_shared_layer_is_one_ffn_called_per_layer():
+    cfg = transformers.AlbertConfig(vocab_size=V, embedding_size=16, hidden_size=32,
+                                    num_hidden_layers=3, num_attention_heads=2,
+                                    intermediate_size=64, max_position_embeddings=64)
+    model = transformers.AlbertModel(cfg).eval()
+    example = _inputs(2, 8)
+    (found,) = lookupc.find_ffns(model, example)
+    assert (found.name, found.calls, found.form) == (
+        "encoder.albert_layer_groups.0.albert_layers.0.ffn", 3, "module")
+    result = lookupc.convert(model, example)
+    out = _last_hidden(result.module, _inputs(1, 5))
+    assert out.shape == (1, 5, 32) and torch.isfinite(out).all()
+
+
+def test_t5_gated_gelu_is_skipped_and_unchanged():
+    cfg = transformers.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                num_heads=2, feed_forward_proj="gated-gelu")
+    model = transformers.T5EncoderModel(cfg).eval()
+    example = {"input_ids": _inputs(2, 8)["input_ids"]}
+    result = lookupc.convert(model, example)
+    assert result.report.matched == []
+    assert [loc for loc, _ in result.report.skipped] == [
+        f"encoder.block.{i}.layer.1.DenseReluDense.wi_0" for i in range(2)]
+    assert all("gated" in reason for _, reason in result.report.skipped)
+    assert torch.equal(_last_hidden(result.module, example), _last_hidden(model, example))
