@@ -189,7 +189,7 @@ class GraphView:
         self.ep = ep
         self.graph = ep.graph_module.graph
         sig = ep.graph_signature
-        self.params = {k: v for k, v in sig.inputs_to_parameters.items()}
+        self.params = dict(sig.inputs_to_parameters)
         self.buffers = dict(sig.inputs_to_buffers)
         self.consts = dict(sig.inputs_to_lifted_tensor_constants)
         self.order = {n: i for i, n in enumerate(self.graph.nodes)}
@@ -214,7 +214,8 @@ class GraphView:
             return _strip(self.params[node.name])
         return None
 
-    def tensor(self, name: str, node: fx.Node) -> torch.Tensor | None:
+    def tensor(self, node: fx.Node) -> torch.Tensor | None:
+        """The value of a parameter, buffer, lifted constant or get_attr input node."""
         if node.name in self.params or node.name in self.buffers:
             key = self.params.get(node.name) or self.buffers[node.name]
             return self.ep.state_dict.get(key, self.ep.constants.get(key))
@@ -228,7 +229,7 @@ class GraphView:
         """The value of a one-element constant input node, else ``None``."""
         if node.op not in ("placeholder", "get_attr"):
             return None
-        t = self.tensor(node.name, node)
+        t = self.tensor(node)
         return t.detach() if isinstance(t, torch.Tensor) and t.numel() == 1 else None
 
     def describe(self, node: fx.Node) -> str:

@@ -332,3 +332,11 @@ def test_weights_reused_outside_the_ffn_are_not_replaced(x):
     reasons = [reason for _, reason in result.report.skipped]
     assert any("tied weights" in r for r in reasons) and any("not GELU" in r for r in reasons)
     assert torch.equal(eval_out(result.module, x), eval_out(model, x))
+
+
+def test_unsupported_dtype_is_skipped(x):
+    model = tm.ModuleFFN().to(torch.bfloat16)
+    result = lookupc.convert(model, (x.to(torch.bfloat16),))
+    assert result.report.matched == []
+    (location, reason), = result.report.skipped
+    assert location == "fc1" and "bfloat16" in reason
