@@ -317,11 +317,54 @@ class Artifact(torch.nn.Module):
                 f"schedule={m.get('schedule')!r}, ffns={len(m.get('kernels', []))})")
 
 
-def _load_provider(library: Path, manifest: dict):
-    """A dispatch provider whose hash/gather run the kernels in ``library``."""
+def _load_provider(library: Path, manifest: dict) -> "LibraryProvider":
     from . import kernels
 
-    return kernels.load_library(str(library))
+    shapes = [kernels.KernelShapes(**d) for d in manifest.get("kernels", [])]
+    return LibraryProvider(kernels.load_library(str(library)), shapes)
+
+
+class LibraryProvider:
+    """A :mod:`lookupc.dispatch` provider whose hash and gather run an artifact's kernels.
+
+    The library holds one hash/gather pair per LookupFFN shape (``shapes``, from the
+    manifest); each op call is matched to its pair by the sizes of its arguments. The
+    kernels take float32 CPU tensors (others use the reference, as dispatch does); a
+    call whose sizes were not compiled raises instead of running something else.
+    """
+
+    def __init__(self, library, shapes: list):
+        self.library, self.shapes = library, list(shapes)
+        self._kernels: dict = {}
+
+    def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return device.type == "cpu" and dtype == torch.float32
+
+    def _get(self, shapes):
+        k = self._kernels.get(shapes)
+        if k is None:
+            k = self._kernels[shapes] = self.library.kernels(shapes)
+        return k
+
+    def _find(self, what: str, **sizes):
+        for s in self.shapes:
+            if all(getattr(s, k) == v for k, v in sizes.items()):
+                return self._get(s)
+        have = "; ".join(s.key for s in self.shapes)
+        raise LookupcError(f"the artifact has no {what} kernel for "
+                           f"{', '.join(f'{k}={v}' for k, v in sizes.items())} (it was compiled "
+                           f"for {have})")
+
+    def hash(self, x, weight, hash_bias, decay, bits):
+        r, _, _, bs, _ = weight.shape
+        kernels = self._find("hash", d_in=x.shape[1], tables=hash_bias.shape[0] // bits,
+                             bits=bits, block_size=bs, repeats=r)
+        return kernels.hash(x, weight, hash_bias, decay)
+
+    def gather(self, codes, scores, tables, bias):
+        h, rows, d_out = tables.shape
+        kernels = self._find("gather", tables=h, bits=rows.bit_length() - 1, d_out=d_out)
+        return kernels.gather(codes.to(torch.int32), scores, tables, bias)
 
 
 # --- compiling --------------------------------------------------------------------------------
@@ -362,7 +405,7 @@ def _input_meta(loaded) -> list[dict]:
 
 def compile_artifact(result, loaded, spec, out_dir, *, schedule: str = "hand",
                      tuning_db: str | None = None, overwrite: bool = False,
-                     progress: bool = False) -> tuple[dict, str]:
+                     progress: bool = False, exported: tuple | None = None) -> tuple[dict, str]:
     """Export a converted model, build its kernels for ``spec`` and write an artifact.
 
     Parameters
@@ -377,6 +420,9 @@ def compile_artifact(result, loaded, spec, out_dir, *, schedule: str = "hand",
         Artifact directory to write.
     schedule : str
         ``"naive"``, ``"hand"`` (= ``"cpu"``) or ``"tuned"`` (needs ``tuning_db``).
+    exported : tuple, optional
+        What :func:`lookupc.model_io.export_program` returned for ``result.module``, to
+        compile one export for several targets without exporting again.
 
     Returns
     -------
@@ -395,10 +441,12 @@ def compile_artifact(result, loaded, spec, out_dir, *, schedule: str = "hand",
     if not shapes:
         raise LookupcInputError(f"{loaded.source}: no FFN was converted, nothing to compile "
                                 f"(see 'lookupc inspect' for why each FFN was skipped)")
+    _prepare_dir(Path(out_dir), overwrite)
     bar = tqdm(total=3 + len(shapes), desc="compile", unit="step", disable=not progress,
-               file=None, leave=False)
+               leave=False)
     bar.set_postfix_str("torch.export")
-    program, names, flattened, dynamic = export_program(result.module, loaded.example_inputs)
+    program, names, flattened, dynamic = exported or export_program(result.module,
+                                                                    loaded.example_inputs)
     bar.update(1)
 
     def build_library(stem: str) -> str:

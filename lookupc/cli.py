@@ -135,8 +135,8 @@ def _lookup_options(f):
 
 def _convert_options(f):
     f = click.option("--calibration", type=click.Path(dir_okay=False), default=None,
-                     help="Calibration inputs for --init distill (.pt/.safetensors/.npz of "
-                          "input batches; default: the example inputs).")(f)
+                     help="Calibration batch for --init distill (model inputs as .pt, "
+                          ".safetensors or .npz; default: the example inputs).")(f)
     f = click.option("--init", "init", type=click.Choice(["random", "distill"]),
                      default="random", show_default=True,
                      help="Initialise LookupFFNs randomly or distil them from the dense FFNs.")(f)
@@ -184,9 +184,14 @@ class _step:
             click.echo(f"{self.what}: done ({time.perf_counter() - self.t0:.1f} s)", err=True)
 
 
-def _calibration(path: str | None):
-    if path is None:
+def _calibration(path: str | None, loaded, init: str):
+    """Calibration items for distillation: the file's inputs, else the example inputs."""
+    if init != "distill":
+        if path:
+            raise _usage("--calibration is only used with --init distill")
         return None
+    if path is None:
+        return [loaded.example_inputs]
     from .model_io import load_inputs
 
     return [load_inputs(path)]
@@ -195,9 +200,10 @@ def _calibration(path: str | None):
 def _convert(loaded, config, init, calibration):
     import lookupc
 
+    items = _calibration(calibration, loaded, init)
     with _step(f"converting ({init} init)"):
         return lookupc.convert(loaded.module, loaded.example_inputs, config=config, init=init,
-                               calibration=_calibration(calibration))
+                               calibration=items)
 
 
 def _print_report(report) -> None:
@@ -229,9 +235,9 @@ def inspect(model, batch, seq_len, trust_pickle, tables, bits, block_size, json_
     loaded = _load(model, batch, seq_len, trust_pickle)
     import lookupc
 
-    with _step("finding FFNs"):
-        report = lookupc.find_ffns(loaded.module, loaded.example_inputs,
-                                   config=_config(tables, bits, block_size))
+    with _step("finding FFNs"):  # a random-init conversion: cheap, and it checks the rewrite
+        report = lookupc.convert(loaded.module, loaded.example_inputs,
+                                 config=_config(tables, bits, block_size)).report
     _print_report(report)
     _write_json(json_path, report.to_dict())
 

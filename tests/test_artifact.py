@@ -1,0 +1,175 @@
+"""The artifact: layout, outputs equal to the converted model, tamper and version detection,
+and refusal on hosts that cannot execute the target."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("tvm")
+
+import lookupc  # noqa: E402
+from lookupc import artifact as art  # noqa: E402
+from lookupc.model_io import export_program, load_model  # noqa: E402
+from lookupc.targets import host_target, parse_target  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """tiny_bert (batch 2 x 8 tokens) converted and compiled for this host."""
+    loaded = load_model("examples.tiny_bert:factory", batch=2, seq_len=8)
+    result = lookupc.convert(loaded.module, loaded.example_inputs)
+    out = tmp_path_factory.mktemp("artifact") / "tiny_bert.lookupc"
+    exported = export_program(result.module, loaded.example_inputs)
+    manifest, check = art.compile_artifact(result, loaded, host_target(), out, schedule="hand",
+                                           exported=exported)
+    return out, manifest, check, result, loaded, exported
+
+
+def _reference(module, inputs):
+    with torch.no_grad(), lookupc.set_schedule("reference"):
+        return module(*inputs)
+
+
+def test_layout_and_manifest(compiled):
+    out, manifest, check, result, _, _ = compiled
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["inputs.safetensors", "kernels.so", "manifest.json", "model.pt2"]
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk == manifest
+    for name, meta in manifest["files"].items():
+        assert meta["sha256"] == art.sha256_file(out / name)
+        assert meta["bytes"] == (out / name).stat().st_size
+    assert manifest["versions"]["torch"] == torch.__version__.split("+")[0]
+    assert manifest["versions"]["tvm"] == art.versions()["tvm"]
+    assert manifest["target"] == host_target().to_dict() and manifest["schedule"] == "hand"
+    assert manifest["kernels"] == [{"d_in": 128, "d_out": 128, "tables": 32, "bits": 8,
+                                    "block_size": 64, "repeats": 2}]
+    assert [c["module"] for c in manifest["config"]] == [
+        n for n, m in result.module.named_modules() if isinstance(m, lookupc.LookupFFN)]
+    assert manifest["program"]["inputs"] == [{"name": "input_0", "shape": [2, 8],
+                                              "dtype": "int64"}]
+    assert manifest["program"]["dynamic_dims"] is True
+    assert "max abs diff" in check
+
+
+def test_outputs_match_the_converted_model(compiled):
+    out, _, _, result, loaded, _ = compiled
+    model = lookupc.load(out)
+    assert isinstance(model, torch.nn.Module)
+    # the program's lookupc ops really run the library's kernels
+    calls = []
+    provider = model.provider
+    orig = provider.gather
+    provider.gather = lambda *a: calls.append(1) or orig(*a)
+    try:
+        for ids in (loaded.example_inputs[0], torch.randint(0, 1000, (1, 13)),
+                    torch.randint(0, 1000, (3, 40))):  # compiled for 2x8; others still run
+            (got,) = model(ids)
+            want = _reference(result.module, (ids,))
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    finally:
+        provider.gather = orig
+    assert len(calls) == 3 * 2  # two LookupFFNs per call
+
+
+def test_artifact_kernels_equal_the_reference_ops_bit_for_bit_on_codes(compiled):
+    out, _, _, result, loaded, _ = compiled
+    model = lookupc.load(out)
+    lookup = next(m for m in result.module.modules() if isinstance(m, lookupc.LookupFFN))
+    x = torch.randn(37, 128)
+    codes, scores = model.provider.hash(x, lookup.bh4_weight, lookup.hash_bias,
+                                        lookup.config.decay, lookup.config.bits)
+    want_scores, want_codes = lookupc.reference.codes_scores(
+        lookupc.reference.hash_forward(x, lookup.bh4_weight, lookup.hash_bias,
+                                       lookup.config.decay), lookup.config.bits)[::-1]
+    assert torch.equal(codes, want_codes.to(torch.int32))
+    torch.testing.assert_close(scores, want_scores, rtol=1e-4, atol=1e-6)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda d: (d / "model.pt2").write_bytes((d / "model.pt2").read_bytes()[:-100]),
+     "model.pt2 is truncated"),
+    (lambda d: _flip_byte(d / "kernels.so"), "kernels.so was modified"),
+    (lambda d: (d / "inputs.safetensors").unlink(), "inputs.safetensors is missing"),
+    (lambda d: _edit_manifest(d, lambda m: m.update(schedule="naive")), "manifest was edited"),
+    (lambda d: _edit_manifest(d, lambda m: m["versions"].update(torch="2.99.0"), rehash=True),
+     "built with torch 2.99.0, this machine has torch"),
+    (lambda d: _edit_manifest(d, lambda m: m["versions"].update(tvm="0.1"), rehash=True),
+     "kernel library ABI must match"),
+    (lambda d: (d / "manifest.json").unlink(), "manifest.json is missing"),
+])
+def test_tampered_artifacts_are_refused(compiled, tmp_path, damage, needle):
+    d = _copy(compiled[0], tmp_path / "a")
+    damage(d)
+    with pytest.raises(art.ArtifactError, match=needle.replace(".", r"\.")):
+        lookupc.load(d)
+
+
+def test_version_check_can_be_waived(compiled, tmp_path):
+    d = _copy(compiled[0], tmp_path / "a")
+    _edit_manifest(d, lambda m: m["versions"].update(lookupc="0.0.1"), rehash=True)
+    with pytest.raises(art.ArtifactError, match="lookupc 0.0.1"):
+        art.verify(d)
+    assert art.verify(d, check_versions=False)["versions"]["lookupc"] == "0.0.1"
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _edit_manifest(d: Path, edit, rehash: bool = False) -> None:
+    p = d / "manifest.json"
+    m = json.loads(p.read_text())
+    edit(m)
+    if rehash:
+        m["manifest_sha256"] = art._manifest_digest(m)
+    p.write_text(json.dumps(m))
+
+
+def _cross_compile(compiled, tmp_path, target: str) -> Path:
+    _, _, _, result, loaded, exported = compiled
+    out = tmp_path / "cross"
+    manifest, check = art.compile_artifact(result, loaded, parse_target(target), out,
+                                           schedule="naive", exported=exported)
+    assert check.startswith("check   not run: this machine cannot execute the target")
+    return out
+
+
+def test_cross_arch_artifact_is_written_but_refused_here(compiled, tmp_path):
+    out = _cross_compile(compiled, tmp_path, "llvm -mtriple=aarch64-linux-gnu -mcpu=neoverse-n1")
+    manifest = art.verify(out)  # intact, just not for this machine
+    assert manifest["library"] == "kernels.tar" and (out / "kernels.tar").stat().st_size > 0
+    assert manifest["target"]["mcpu"] == "neoverse-n1"
+    with pytest.raises(art.ArtifactError, match="cannot run this artifact here: it was compiled "
+                                                "for aarch64"):
+        lookupc.load(out)
+
+
+def test_missing_isa_extension_is_refused(compiled, tmp_path):
+    flags = Path("/proc/cpuinfo").read_text()
+    if "avx512f" in flags or "flags" not in flags:
+        pytest.skip("needs an x86 host without AVX-512")
+    out = _cross_compile(compiled, tmp_path, "llvm -mcpu=skylake-avx512 -mattr=+avx512f")
+    with pytest.raises(art.ArtifactError, match="avx512f.*which this CPU .* lacks"):
+        lookupc.load(out)
+
+
+def test_refuses_to_overwrite_without_force(compiled, tmp_path):
+    out, _, _, result, loaded, _ = compiled
+    with pytest.raises(lookupc.LookupcInputError, match="pass --force"):
+        art.compile_artifact(result, loaded, host_target(), out)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "precious.txt").write_text("keep")
+    with pytest.raises(lookupc.LookupcInputError, match="not a lookupc artifact"):
+        art.compile_artifact(result, loaded, host_target(), tmp_path / "x", overwrite=True)
+    assert (tmp_path / "x" / "precious.txt").read_text() == "keep"
