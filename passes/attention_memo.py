@@ -128,6 +128,13 @@ def _unpadded(mask: Tensor | None, batch: int) -> Tensor:
     return ok.expand(batch) if ok.shape[0] == 1 else ok
 
 
+def _tracing() -> bool:
+    """True under torch.export / torch.compile: the lookup is host-side Python (faiss, memmap),
+    so traced graphs get the original attention (this is what lets the LookupFFN pass,
+    which exports the model, run on a memoized model)."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
 def _slice_mask(mask: Tensor | None, rows: Tensor) -> Tensor | None:
     if mask is None or mask.shape[0] == 1:
         return mask
@@ -176,7 +183,8 @@ class MemoSelfAttention(nn.Module):
 
     Same call signature and return value ``(attn_output, attn_weights)`` as the
     wrapped module. On a memo path ``attn_weights`` is ``None``; training mode,
-    caches and cross-attention inputs always take the original path.
+    caches, cross-attention inputs and export/compile tracing always take the
+    original path.
     """
 
     def __init__(self, inner: nn.Module, layer: int, store: MemoStore, threshold: float,
@@ -200,7 +208,7 @@ class MemoSelfAttention(nn.Module):
                 **kwargs: Any):
         b, L = hidden_states.shape[0], hidden_states.shape[1]
         bucket = self.store.bucket(self.layer, L) if L in self.seq_lens else None
-        if (bucket is None or self.training or past_key_values is not None
+        if (bucket is None or self.training or past_key_values is not None or _tracing()
                 or kwargs.get("encoder_hidden_states") is not None):
             self.stats.ineligible += b
             return self._original(hidden_states, attention_mask, past_key_values, kwargs)

@@ -1,0 +1,198 @@
+"""Attention memoization on all-MiniLM-L6-v2: hit rate, quality and time per preset.
+
+The database is built on one slice of standard-library docstring sentences and
+evaluated on a disjoint slice (``lookupc.textdata.docstring_sentences``), packed into
+full sequences of ``--seq-lens`` tokens. For each preset it runs the memoized model
+twice: ``auto`` (layers chosen by the eq. 3 performance model) and ``all`` (every
+layer memoizes, to show hit rates and the quality cost even where eq. 3 says no).
+
+Reported per configuration: hit rate per layer, cosine of the mean-pooled sentence
+embedding vs the original model (mean and min), attention time (sum of time inside
+the self-attention modules, including embed/search/hit path) and end-to-end time.
+Times are medians of ``--repeats`` passes over the evaluation set, in one process.
+
+    python bench/attention_memo.py                 # ~3-5 min on 2 shared cores
+    python bench/attention_memo.py --seq-lens 128 256 --calib-sentences 6000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lookupc.memo_data import load_encoder, pack_sentences  # noqa: E402
+from lookupc.memo_embed import EmbedConfig  # noqa: E402
+from lookupc.memo_perf import PRESETS  # noqa: E402
+from lookupc.textdata import docstring_sentences  # noqa: E402
+from lookupc.passes.attention_memo import (apply_memo, build_memo_db, find_self_attention,  # noqa: E402
+                                           layer_profiles, memo_stats, reset_memo_stats)
+
+
+def mean_pool(hidden: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(hidden.mean(1), dim=-1)
+
+
+class AttentionClock:
+    """Sums wall time spent inside the self-attention modules (original or memo wrapper)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.total = 0.0
+        self._t0 = 0.0
+        self.handles = []
+        for _, mod in find_self_attention(model):
+            self.handles.append(mod.register_forward_pre_hook(self._start))
+            self.handles.append(mod.register_forward_hook(self._stop))
+
+    def _start(self, *_):
+        self._t0 = time.perf_counter()
+
+    def _stop(self, *_):
+        self.total += time.perf_counter() - self._t0
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def run_eval(model, ids: torch.Tensor, batch: int, repeats: int) -> dict:
+    clock = AttentionClock(model)
+    e2e, attn, emb = [], [], None
+    try:
+        with torch.no_grad():
+            for _ in range(repeats):
+                reset_memo_stats(model)
+                clock.total = 0.0
+                t0 = time.perf_counter()
+                outs = [model(input_ids=ids[s:s + batch]).last_hidden_state for s in range(0, len(ids), batch)]
+                e2e.append(time.perf_counter() - t0)
+                attn.append(clock.total)
+                emb = mean_pool(torch.cat(outs))
+    finally:
+        clock.close()
+    return dict(e2e_s=statistics.median(e2e), attention_s=statistics.median(attn), embedding=emb)
+
+
+def _row(model, memo, ids, r, base, preset, threshold, layers) -> dict:
+    cos = (r.pop("embedding") * base["embedding"]).sum(-1)
+    stats = memo_stats(memo)
+    n_layers = len(find_self_attention(model))
+    per_layer = [round(stats[l].hit_rate, 3) if l in stats else None for l in range(n_layers)]
+    total_hits = sum(s.hits for s in stats.values())
+    return dict(preset=preset, threshold=threshold, layers=layers, memo_layers=sorted(stats),
+                hit_rate_per_layer=per_layer, memo_rate=total_hits / (len(ids) * n_layers),
+                cos_mean=float(cos.mean()), cos_min=float(cos.min()), attention_s=r["attention_s"],
+                e2e_s=r["e2e_s"], attention_speedup=base["attention_s"] / r["attention_s"],
+                e2e_speedup=base["e2e_s"] / r["e2e_s"])
+
+
+def evaluate(model, store, ids, args, base) -> list[dict]:
+    rows = []
+    for preset in PRESETS:
+        for layers in ("auto", "all"):
+            memo = apply_memo(model, store, preset, layers=layers)
+            r = run_eval(memo, ids, args.batch, args.repeats)
+            rows.append(_row(model, memo, ids, r, base, preset, PRESETS[preset], layers))
+    for thr in args.sweep:
+        memo = apply_memo(model, store, threshold=thr, layers="all")
+        r = run_eval(memo, ids, args.batch, args.repeats)
+        rows.append(_row(model, memo, ids, r, base, "sweep", thr, "all"))
+    return rows
+
+
+def bench_length(model, tok, seq_len: int, args, work: Path) -> dict:
+    calib = pack_sentences(tok, docstring_sentences(args.calib_sentences), seq_len, args.max_calib)
+    held = pack_sentences(tok, docstring_sentences(args.eval_sentences, offset=args.calib_sentences), seq_len,
+                          args.max_eval)
+    print(f"\n== L={seq_len}: database from {len(calib)} sequences, evaluation on {len(held)} disjoint ones",
+          flush=True)
+    t0 = time.perf_counter()
+    store = build_memo_db(model, [{"input_ids": calib[s:s + args.batch]} for s in range(0, len(calib), args.batch)],
+                          work / f"db_{seq_len}", embed=EmbedConfig(steps=args.steps, pairs=args.pairs),
+                          apm_dtype=args.apm_dtype, log=lambda s: print("  " + s, flush=True))
+    build_s = time.perf_counter() - t0
+    db_bytes = sum(f.stat().st_size for f in store.path.iterdir())
+    base = run_eval(model, held, args.batch, args.repeats)
+    rows = evaluate(model, store, held, args, base)
+    profiles = {f"{l}": dict(timing=p.timing.as_dict(), **{f"alpha@{k}": p.hit_rate(v) for k, v in PRESETS.items()},
+                             **{f"benefit@{k}_us": 1e6 * p.benefit(v) for k, v in PRESETS.items()})
+                for (l, _), p in sorted(layer_profiles(store).items())}
+    train = [dict(layer=b["layer"], **{k: b["train"][k] for k in ("seconds", "initial_loss", "final_loss",
+                                                                   "initial_val_loss", "final_val_loss")},
+                  loo_pred_mean=b["loo_pred_mean"], loo_true_mean=b["loo_true_mean"])
+             for b in store.manifest["buckets"]]
+    return dict(seq_len=seq_len, n_calib=len(calib), n_eval=len(held), build_s=build_s, db_bytes=db_bytes,
+                baseline=dict(attention_s=base["attention_s"], e2e_s=base["e2e_s"]), embed_training=train,
+                perf_model=profiles, results=rows)
+
+
+def print_table(res: dict) -> None:
+    b = res["baseline"]
+    print(f"\nL={res['seq_len']}  db {res['n_calib']} seqs ({res['db_bytes'] / 2**20:.0f} MiB, built in "
+          f"{res['build_s']:.0f}s), eval {res['n_eval']} seqs; baseline attention {b['attention_s']:.2f}s, "
+          f"end-to-end {b['e2e_s']:.2f}s")
+    print(f"{'preset/thr':13}{'layers':7}{'hit rate per layer':34}{'memo':>6}{'cos mean':>9}{'cos min':>9}"
+          f"{'attn s':>8}{'e2e s':>7}{'attn x':>7}{'e2e x':>7}")
+    for r in res["results"]:
+        hits = " ".join("  - " if h is None else f"{h:.2f}" for h in r["hit_rate_per_layer"])
+        name = r["preset"] if r["preset"] != "sweep" else f"thr {r['threshold']:.2f}"
+        print(f"{name:13}{r['layers']:7}{hits:34}{r['memo_rate']:6.2f}{r['cos_mean']:9.4f}"
+              f"{r['cos_min']:9.4f}{r['attention_s']:8.2f}{r['e2e_s']:7.2f}{r['attention_speedup']:7.2f}"
+              f"{r['e2e_speedup']:7.2f}")
+    print("embedder training per layer: " + "; ".join(
+        f"L{t['layer']} {t['seconds']:.1f}s {t['initial_loss']:.3f}->{t['final_loss']:.4f} "
+        f"(val {t['initial_val_loss']:.3f}->{t['final_val_loss']:.4f})" for t in res["embed_training"]))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=[128])
+    ap.add_argument("--calib-sentences", type=int, default=3000)
+    ap.add_argument("--eval-sentences", type=int, default=600)
+    ap.add_argument("--max-calib", type=int, default=256, help="cap on database sequences per length")
+    ap.add_argument("--max-eval", type=int, default=48, help="cap on evaluation sequences per length")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=200, help="embedder training steps per layer")
+    ap.add_argument("--pairs", type=int, default=2048, help="embedder training pairs per layer")
+    ap.add_argument("--sweep", type=float, nargs="*", default=[0.8, 0.7, 0.6],
+                    help="extra thresholds evaluated with every layer memoizing")
+    ap.add_argument("--apm-dtype", default="float32", choices=["float32", "float16"])
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is faster on a loaded machine)")
+    ap.add_argument("--json", default="bench/results/attention_memo.json")
+    ap.add_argument("--keep-db", default=None, help="directory to keep the databases in")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    model, tok = load_encoder("all-minilm-l6-v2")
+    work = Path(args.keep_db) if args.keep_db else Path(tempfile.mkdtemp(prefix="lookupc-memo-bench-"))
+    out = dict(model="sentence-transformers/all-MiniLM-L6-v2", threads=args.threads, batch=args.batch,
+               presets=PRESETS, args=vars(args), lengths=[])
+    try:
+        for L in args.seq_lens:
+            res = bench_length(model, tok, L, args, work)
+            out["lengths"].append(res)
+            print_table(res)
+    finally:
+        if not args.keep_db:
+            shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=1))
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
