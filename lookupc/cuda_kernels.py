@@ -394,8 +394,16 @@ class CudaProvider:
                 "move the model to the CPU or run with lookupc.set_schedule('reference') "
                 "explicitly to use the PyTorch reference")
         _choose_cuda_compiler()
-        self.table_grad = table_grad or os.environ.get("LOOKUPC_CUDA_TABLE_GRAD", "atomic")
         self._per_arch: dict[str, TirTrainingKernels] = {}
+        self.set_table_grad(table_grad or os.environ.get("LOOKUPC_CUDA_TABLE_GRAD", "atomic"))
+
+    def set_table_grad(self, method: str) -> None:
+        """Reduce the table gradient with ``"atomic"`` adds or a ``"segment"`` reduction."""
+        if method not in TABLE_GRAD_METHODS:
+            raise ValueError(f"table_grad must be one of {TABLE_GRAD_METHODS}, got {method!r}")
+        self.table_grad = method
+        for k in self._per_arch.values():
+            k.table_grad = method
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         return device.type == "cuda" and dtype == torch.float32
