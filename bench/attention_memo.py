@@ -124,7 +124,9 @@ def bench_length(model, tok, seq_len: int, args, work: Path) -> dict:
     db_bytes = sum(f.stat().st_size for f in store.path.iterdir())
     base = run_eval(model, held, args.batch, args.repeats)
     rows = evaluate(model, store, held, args, base)
-    profiles = {f"{l}": dict(timing=p.timing.as_dict(), **{f"alpha@{k}": p.hit_rate(v) for k, v in PRESETS.items()},
+    profiles = {f"{l}": dict(timing=p.timing.as_dict(), margin=p.margin, loo_pred_mean=float(p.loo_predicted.mean()),
+                             loo_true_mean=float(p.loo_true.mean()), loo_true_max=float(p.loo_true.max()),
+                             **{f"alpha@{k}": p.hit_rate(v) for k, v in PRESETS.items()},
                              **{f"benefit@{k}_us": 1e6 * p.benefit(v) for k, v in PRESETS.items()})
                 for (l, _), p in sorted(layer_profiles(store).items())}
     train = [dict(layer=b["layer"], **{k: b["train"][k] for k in ("seconds", "initial_loss", "final_loss",
@@ -149,6 +151,10 @@ def print_table(res: dict) -> None:
         print(f"{name:13}{r['layers']:7}{hits:34}{r['memo_rate']:6.2f}{r['cos_mean']:9.4f}"
               f"{r['cos_min']:9.4f}{r['attention_s']:8.2f}{r['e2e_s']:7.2f}{r['attention_speedup']:7.2f}"
               f"{r['e2e_speedup']:7.2f}")
+    print("perf model (eq. 3) per layer: " + "; ".join(
+        f"L{l} t_attn {1e3 * p['timing']['t_attention']:.1f}ms saved {1e3 * (p['timing']['t_attention'] - p['timing']['t_hit']):.1f}ms "
+        f"ovh {1e3 * p['timing']['t_overhead']:.2f}ms loo sim pred/true {p['loo_pred_mean']:.2f}/{p['loo_true_mean']:.2f} "
+        f"(max true {p['loo_true_max']:.2f}) margin {p['margin']:.2f}" for l, p in res["perf_model"].items()))
     print("embedder training per layer: " + "; ".join(
         f"L{t['layer']} {t['seconds']:.1f}s {t['initial_loss']:.3f}->{t['final_loss']:.4f} "
         f"(val {t['initial_val_loss']:.3f}->{t['final_val_loss']:.4f})" for t in res["embed_training"]))
@@ -159,13 +165,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[128])
     ap.add_argument("--calib-sentences", type=int, default=3000)
     ap.add_argument("--eval-sentences", type=int, default=600)
-    ap.add_argument("--max-calib", type=int, default=256, help="cap on database sequences per length")
-    ap.add_argument("--max-eval", type=int, default=48, help="cap on evaluation sequences per length")
+    ap.add_argument("--max-calib", type=int, default=192, help="cap on database sequences per length")
+    ap.add_argument("--max-eval", type=int, default=32, help="cap on evaluation sequences per length")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--steps", type=int, default=200, help="embedder training steps per layer")
     ap.add_argument("--pairs", type=int, default=2048, help="embedder training pairs per layer")
-    ap.add_argument("--sweep", type=float, nargs="*", default=[0.8, 0.7, 0.6],
+    ap.add_argument("--sweep", type=float, nargs="*", default=[0.7, 0.6, 0.5],
                     help="extra thresholds evaluated with every layer memoizing")
     ap.add_argument("--apm-dtype", default="float32", choices=["float32", "float16"])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is faster on a loaded machine)")

@@ -10,7 +10,7 @@ distance of ``d`` therefore reads directly as a *predicted similarity score*
 ``lookupc.memo_perf``).
 
 Model: a token-wise projection ``H -> r`` (shared over positions; the top-r
-principal directions of the layer's token states, fitted once and frozen),
+principal directions of the layer's token states, whitened, fitted once and frozen),
 flattened to ``L * r`` and fed to a two-layer MLP (``width`` hidden units, GELU)
 that outputs ``dim`` values and is trained. Compared with the paper's MLP on the
 flattened ``L * H`` state, the token-wise projection keeps positional structure
@@ -222,12 +222,14 @@ def _full_loss(mlp: nn.Module, z: torch.Tensor, pairs: torch.Tensor, target: tor
 
 
 def fit_token_projection(emb: HiddenStateEmbedder, hidden: torch.Tensor) -> None:
-    """Set ``emb.token_proj`` to the centred top principal directions of the token states (frozen)."""
+    """Set ``emb.token_proj`` to the centred, whitened top principal directions of the token states (frozen)."""
     tokens = hidden.reshape(-1, hidden.shape[-1]).double()
     mean = tokens.mean(0)
     cov = (tokens - mean).T @ (tokens - mean) / max(1, tokens.shape[0] - 1)
-    _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
-    basis = vecs[:, -emb.token_proj.out_features:].flip(1).T  # [r, H]
+    vals, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
+    r = emb.token_proj.out_features
+    # whitened: unit variance per direction, so the MLP input has a known scale whatever the layer
+    basis = (vecs[:, -r:] / torch.sqrt(vals[-r:].clamp_min(1e-6))).flip(1).T  # [r, H]
     with torch.no_grad():
         emb.token_proj.weight.copy_(basis.float())
         emb.token_proj.bias.copy_(-(basis @ mean).float())

@@ -30,7 +30,8 @@ is free, which is not true on a CPU where ``APM @ V`` costs as much as ``Q K^T``
 ``T_overhead`` is embedding + index search, paid on every call. ``alpha`` is the
 hit rate at the threshold, estimated leave-one-out on the calibration set
 (each record queries the index and its own entry is skipped), so it is not
-inflated by records finding themselves. All times are per sequence, measured at
+inflated by records finding themselves, and with the same error margin the live
+lookup applies (``LayerProfile.margin``). All times are per sequence, measured at
 build time on the build machine. A layer memoizes only when ``PB > 0``.
 """
 
@@ -82,18 +83,35 @@ class LayerTiming:
 
 @dataclass(frozen=True)
 class LayerProfile:
-    """Timing and leave-one-out predicted similarities of one (layer, length) bucket."""
+    """Timing and leave-one-out similarities of one (layer, length) bucket.
+
+    ``loo_predicted[i]`` is the predicted similarity of record i to its nearest *other*
+    record in embedding space, ``loo_true[i]`` the true eq. 1 similarity of that pair.
+    Those are exactly the conditions of a live query, so ``pred - true`` over them is
+    the embedder's error at query time, including the optimism of taking a nearest
+    neighbour (the minimum of many noisy distances is biased low). ``margin`` is its
+    ``margin_quantile`` quantile: a hit needs ``predicted - margin > threshold``, so
+    that about that fraction of hits really clear the threshold. ``None`` disables it.
+    """
 
     layer: int
     seq_len: int
     timing: LayerTiming
     loo_predicted: np.ndarray
+    loo_true: np.ndarray
+    margin_quantile: float | None = 0.9
+
+    @property
+    def margin(self) -> float:
+        if self.margin_quantile is None or len(self.loo_predicted) == 0:
+            return 0.0
+        return max(0.0, float(np.quantile(self.loo_predicted - self.loo_true, self.margin_quantile)))
 
     def hit_rate(self, threshold: float) -> float:
-        """alpha: the fraction of calibration queries whose nearest *other* record clears ``threshold``."""
+        """alpha: fraction of calibration queries whose nearest other record clears ``threshold`` (+ margin)."""
         if len(self.loo_predicted) == 0:
             return 0.0
-        return float(np.mean(self.loo_predicted > threshold))
+        return float(np.mean(self.loo_predicted - self.margin > threshold))
 
     def benefit(self, threshold: float) -> float:
         """Paper eq. 3 in seconds per sequence: ``T_saved * alpha - T_overhead``."""

@@ -6,7 +6,8 @@ embedder per layer (``lookupc.memo_embed``) and writes a database
 (``lookupc.memo_store``). ``apply_memo`` returns a copy of a model whose chosen
 self-attention modules are wrapped by :class:`MemoSelfAttention`: per sequence it
 embeds the hidden state, finds the nearest stored record, and if the predicted
-similarity clears the threshold computes ``APM_stored @ V_live`` (V from the live
+similarity, less an error margin measured leave-one-out at build time, clears
+the threshold (``lookupc.memo_perf``) computes ``APM_stored @ V_live`` (V from the live
 value projection; the output projection, residual and LayerNorm of the enclosing
 ``BertAttention`` run as usual). Otherwise the original module runs unchanged, so a
 layer that never hits is bit-identical to the original.
@@ -188,18 +189,18 @@ class MemoSelfAttention(nn.Module):
     """
 
     def __init__(self, inner: nn.Module, layer: int, store: MemoStore, threshold: float,
-                 seq_lens: Iterable[int]):
+                 margins: Mapping[int, float]):
         super().__init__()
         self.inner = inner
         self.layer = layer
         self.store = store
         self.threshold = float(threshold)
-        self.seq_lens = frozenset(int(s) for s in seq_lens)
+        self.margins = {int(k): float(v) for k, v in margins.items()}  # seq_len -> error margin
         self.stats = LayerStats()
         self.train(inner.training)
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer}, threshold={self.threshold}, seq_lens={sorted(self.seq_lens)}"
+        return f"layer={self.layer}, threshold={self.threshold}, margins={self.margins}"
 
     def _original(self, hidden_states, attention_mask, past_key_values, kwargs):
         return self.inner(hidden_states, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
@@ -207,7 +208,7 @@ class MemoSelfAttention(nn.Module):
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, past_key_values=None,
                 **kwargs: Any):
         b, L = hidden_states.shape[0], hidden_states.shape[1]
-        bucket = self.store.bucket(self.layer, L) if L in self.seq_lens else None
+        bucket = self.store.bucket(self.layer, L) if L in self.margins else None
         if (bucket is None or self.training or past_key_values is not None or _tracing()
                 or kwargs.get("encoder_hidden_states") is not None):
             self.stats.ineligible += b
@@ -215,7 +216,7 @@ class MemoSelfAttention(nn.Module):
         t0 = time.perf_counter()
         eligible = _unpadded(attention_mask, b).nonzero().flatten()
         self.stats.ineligible += b - len(eligible)
-        hit_rows, records, preds = self._lookup(bucket, hidden_states, eligible)
+        hit_rows, records, preds = self._lookup(bucket, hidden_states, eligible, self.margins[L])
         self.stats.seconds_overhead += time.perf_counter() - t0
         self.stats.hits += len(hit_rows)
         self.stats.misses += len(eligible) - len(hit_rows)
@@ -233,14 +234,15 @@ class MemoSelfAttention(nn.Module):
             out[row] = apm_times_value(self.inner, hidden_states[row], apm)
         return out, None
 
-    def _lookup(self, bucket, hidden_states: Tensor, eligible: Tensor) -> tuple[list[int], list[int], list[float]]:
+    def _lookup(self, bucket, hidden_states: Tensor, eligible: Tensor, margin: float
+                ) -> tuple[list[int], list[int], list[float]]:
         if len(eligible) == 0 or self.threshold >= 1.0:
             return [], [], []
         with torch.no_grad():
             keys = bucket.embedder(hidden_states[eligible].float()).numpy()
         dist2, idx = bucket.index.search(np.ascontiguousarray(keys, dtype=np.float32), 1)
         pred = 1.0 - np.sqrt(np.maximum(dist2[:, 0], 0.0))
-        hit = (pred > self.threshold) & (idx[:, 0] >= 0)
+        hit = (pred - margin > self.threshold) & (idx[:, 0] >= 0)
         rows = eligible[torch.from_numpy(hit)].tolist()
         return rows, idx[hit, 0].tolist(), pred[hit].tolist()
 
@@ -291,9 +293,10 @@ def _run_item(model: nn.Module, item: Any) -> None:
         model(*item)
 
 
-def layer_profiles(store: MemoStore) -> dict[tuple[int, int], LayerProfile]:
+def layer_profiles(store: MemoStore, margin_quantile: float | None = 0.9) -> dict[tuple[int, int], LayerProfile]:
     """The eq. 3 performance model of each (layer, length) bucket, as measured at build time."""
-    return {key: LayerProfile(b.layer, b.seq_len, LayerTiming(**b.info["timing"]), b.loo[0])
+    return {key: LayerProfile(b.layer, b.seq_len, LayerTiming(**b.info["timing"]), b.loo[0], b.loo[1],
+                              margin_quantile)
             for key, b in store.buckets.items()}
 
 
@@ -444,7 +447,8 @@ def _measure(attn: nn.Module, embedder, index, apm: np.ndarray, x: Tensor, repea
 # ----------------------------------------------------------------------------- applying
 
 def apply_memo(model: nn.Module, db: MemoStore | str | os.PathLike, preset: str | float = "moderate", *,
-               layers: str | Iterable[int] = "auto", threshold: float | None = None) -> nn.Module:
+               layers: str | Iterable[int] = "auto", threshold: float | None = None,
+               margin_quantile: float | None = 0.9) -> nn.Module:
     """A memoizing copy of ``model`` (``model`` itself is never modified).
 
     Parameters
@@ -462,6 +466,10 @@ def apply_memo(model: nn.Module, db: MemoStore | str | os.PathLike, preset: str 
         "all": every layer with a bucket; or explicit layer indices.
     threshold : float, optional
         Overrides ``preset``.
+    margin_quantile : float or None
+        A hit needs ``predicted - margin > threshold`` where ``margin`` is this quantile of the
+        embedder's leave-one-out error on the calibration set (``LayerProfile.margin``), so
+        roughly this fraction of hits truly clear the threshold. ``None``: no margin.
 
     Returns
     -------
@@ -472,25 +480,27 @@ def apply_memo(model: nn.Module, db: MemoStore | str | os.PathLike, preset: str 
     found = find_self_attention(model)
     store.check(model_fingerprint(model, found))
     thr = resolve_threshold(preset if threshold is None else threshold)
-    enabled = _enabled_buckets(store, thr, layers, len(found))
+    profiles = layer_profiles(store, margin_quantile)
+    enabled = _enabled_buckets(profiles, thr, layers, len(found))
     out = copy.deepcopy(model)
     for layer, (name, _) in enumerate(find_self_attention(out)):
         lens = enabled.get(layer, set())
+        margins = {L: profiles[(layer, L)].margin for L in lens}
         if not lens:
             if isinstance(out.get_submodule(name), MemoSelfAttention):
                 _set_submodule(out, name, out.get_submodule(name).inner)
             continue
-        wrapper = MemoSelfAttention(_unwrap(out.get_submodule(name)), layer, store, thr, lens)
+        wrapper = MemoSelfAttention(_unwrap(out.get_submodule(name)), layer, store, thr, margins)
         _set_submodule(out, name, wrapper)
     return out
 
 
-def _enabled_buckets(store: MemoStore, thr: float, layers, n_layers: int) -> dict[int, set[int]]:
+def _enabled_buckets(profiles: dict[tuple[int, int], LayerProfile], thr: float, layers,
+                     n_layers: int) -> dict[int, set[int]]:
     if layers == "auto":
-        prof = layer_profiles(store)
-        chosen = [(l, L) for (l, L), p in prof.items() if p.worth_it(thr)]
+        chosen = [(l, L) for (l, L), p in profiles.items() if p.worth_it(thr)]
     elif layers == "all":
-        chosen = list(store.buckets)
+        chosen = list(profiles)
     elif isinstance(layers, str):
         raise LookupcInputError(f"layers must be 'auto', 'all' or layer indices, got {layers!r}")
     else:
@@ -498,7 +508,7 @@ def _enabled_buckets(store: MemoStore, thr: float, layers, n_layers: int) -> dic
         bad = sorted(l for l in wanted if not 0 <= l < n_layers)
         if bad:
             raise LookupcInputError(f"layers {bad} out of range: the model has {n_layers} self-attention layers")
-        chosen = [(l, L) for (l, L) in store.buckets if l in wanted]
+        chosen = [(l, L) for (l, L) in profiles if l in wanted]
     enabled: dict[int, set[int]] = {}
     for l, L in chosen:
         enabled.setdefault(l, set()).add(L)
