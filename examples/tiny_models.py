@@ -57,6 +57,42 @@ class WrittenTanhFFN(nn.Module):
         return self.fc2(F.dropout(h, 0.1, self.training))
 
 
+class MatmulLinear(nn.Module):
+    """A Linear written as ``x @ W.T + b`` (Falcon's ``FalconLinear``)."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_out, d_in) / math.sqrt(d_in))
+        self.bias = nn.Parameter(torch.randn(d_out) * 0.1)
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class MatmulFFN(nn.Module):
+    """fc1 / fc2 as :class:`MatmulLinear` submodules around ``nn.GELU``."""
+
+    def __init__(self, d: int = D, h: int = H):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = MatmulLinear(d, h), nn.GELU(), MatmulLinear(h, d)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class BartLikeFFN(nn.Module):
+    """Module fc1 / act / fc2 with a functional dropout between (BART, Whisper layers)."""
+
+    def __init__(self, d: int = D, h: int = H):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(d, h), nn.GELU(), nn.Linear(h, d)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x):
+        h = F.dropout(self.act(self.fc1(x)), p=0.1, training=self.training)
+        return self.norm(x + self.fc2(h))
+
+
 class Block(nn.Module):
     """Pre-norm residual block around a nested ``mlp`` submodule."""
 
@@ -182,11 +218,14 @@ def positive_models() -> dict[str, nn.Module]:
         "written_tanh": WrittenTanhFFN(),
         "nested": Nested(),
         "shared_act": SharedAct(),
+        "matmul": MatmulFFN(),
+        "bart_like": BartLikeFFN(),
     }
 
 
 EXPECTED = {"module": 1, "module_tanh": 1, "module_dropout": 1, "functional": 1,
-            "functional_tanh": 1, "written_tanh": 1, "nested": 2, "shared_act": 2}
+            "functional_tanh": 1, "written_tanh": 1, "nested": 2, "shared_act": 2,
+            "matmul": 1, "bart_like": 1}
 
 
 def example_input(batch: int = 2, seq: int = 5, d: int = D) -> torch.Tensor:

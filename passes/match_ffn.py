@@ -5,8 +5,8 @@ Steps of :func:`analyze`:
 1. ``torch.export`` (non-strict) a deep copy of the model in eval mode; the aten graph
    keeps each weight's parameter name and each node's ``nn_module_stack``, so every
    location is a module path of the original model.
-2. Find *linear sites*: ``aten.linear`` with a parameter weight, and GPT-2's ``Conv1D``
-   (``view -> addmm(bias, x, W[in, out]) -> view``).
+2. Find *linear sites*: ``aten.linear`` with a parameter weight, GPT-2's ``Conv1D``
+   (``view -> addmm(bias, x, W[in, out]) -> view``) and ``x @ W.T (+ b)`` (Falcon).
 3. From each site's output grow the elementwise closure (pointwise ops whose inputs
    all come from the site or scalar constants); a site whose closure computes a
    non-affine function is an FFN candidate.
@@ -43,6 +43,11 @@ _IDENTITY_OPS = {
     aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
     aten.clone.default, aten.alias.default, aten.detach.default, aten._to_copy.default,
     aten.to.dtype, aten.type_as.default,
+}
+# identities in eval mode that may stay in place when the modules around them are swapped
+_TRANSPARENT_OPS = {
+    aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
+    aten.clone.default, aten.alias.default, aten.detach.default,
 }
 _VIEW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _FLOAT_DTYPES = (torch.float32, torch.float64)
@@ -308,6 +313,39 @@ def _conv1d_site(view: GraphView, n: fx.Node) -> LinearSite | None:
                       None, wname)
 
 
+_TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.permute.default, aten.transpose.int}
+
+
+def _transposed_param(view: GraphView, w: Any) -> str | None:
+    """The weight name if ``w`` is a 2-D parameter transposed ([out, in] -> [in, out])."""
+    if not isinstance(w, fx.Node) or w.target not in _TRANSPOSES:
+        return None
+    if w.target == aten.permute.default and list(w.args[1]) != [1, 0]:
+        return None
+    if w.target == aten.transpose.int and sorted(d % 2 for d in w.args[1:3]) != [0, 1]:
+        return None
+    name = view.param_name(w.args[0])
+    return name if name and w.args[0].meta["val"].dim() == 2 else None
+
+
+def _matmul_site(view: GraphView, n: fx.Node) -> LinearSite | None:
+    """``x @ W.T (+ b)``, e.g. Falcon's ``FalconLinear``."""
+    x, wt = n.args[0], n.args[1]
+    wname = _transposed_param(view, wt)
+    if wname is None or len(wt.users) != 1:
+        return None
+    d_out, d_in = (int(v) for v in wt.args[0].meta["val"].shape)
+    nodes, out, bname = [wt, n], n, None
+    add = next(iter(n.users)) if len(n.users) == 1 else None
+    if add is not None and add.target == aten.add.Tensor and len(add.args) == 2 \
+            and "alpha" not in add.kwargs:
+        other = add.args[1] if add.args[0] is n else add.args[0]
+        bias = view.param_name(other)
+        if bias and tuple(other.meta["val"].shape) == (d_out,):
+            nodes, out, bname = [wt, n, add], add, bias
+    return LinearSite(n, out, x, tuple(nodes), wname, bname, d_in, d_out, "matmul", None, wname)
+
+
 def find_sites(view: GraphView) -> list[LinearSite]:
     """Linear sites of the export graph, in graph order."""
     sites = []
@@ -317,6 +355,8 @@ def find_sites(view: GraphView) -> list[LinearSite]:
             site = _linear_site(view, n)
         elif n.op == "call_function" and n.target == aten.addmm.default:
             site = _conv1d_site(view, n)
+        elif n.op == "call_function" and n.target == aten.matmul.default:
+            site = _matmul_site(view, n)
         if site is not None:
             sites.append(site)
     return _with_locations(view, sites)
@@ -477,17 +517,26 @@ def _common_prefix(paths: list[str]) -> str:
 
 def _act_modules(view: GraphView, closure: list[fx.Node],
                  container: str) -> tuple[str, ...] | None:
-    """Submodules that hold exactly the activation chain (all calls), or None."""
+    """Submodules that hold exactly the activation chain (all calls), or None.
+
+    Eval-mode identities written functionally between the module calls (BART's
+    ``F.dropout(h, p, self.training)`` in the layer) may stay where they are: after
+    the swap they act on the LookupFFN's output (the same in eval mode).
+    """
     paths = []
     for n in closure:
         p = view.path(n)
-        if p is None or p == container or (container and not p.startswith(container + ".")):
+        inside = p is not None and p != container and (
+            not container or p.startswith(container + "."))
+        if not inside:
+            if n.target in _TRANSPARENT_OPS:
+                continue
             return None
         if p not in paths:
             paths.append(p)
     top = [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
     members = set(closure)
-    if any(not set(view.nodes_under(p)) <= members for p in top):
+    if not top or any(not set(view.nodes_under(p)) <= members for p in top):
         return None
     return tuple(top)
 

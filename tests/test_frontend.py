@@ -34,10 +34,16 @@ GOLDEN = {
                 "layer_norm", "linear", "gelu", "linear", "add", "add", "linear"],
                ["layer_norm", *LOOKUP, "add", "layer_norm", *LOOKUP, "add", "add", "linear"]),
     "shared_act": (["linear", "gelu", "linear", "add"] * 2, (LOOKUP + ["add"]) * 2),
+    "matmul": (["numpy_T", "matmul", "add", "gelu", "numpy_T", "matmul", "add"], LOOKUP),
+    # the functional dropout stays in the layer and acts on the LookupFFN output
+    "bart_like": (["linear", "gelu", "dropout", "linear", "add", "layer_norm"],
+                  LOOKUP + ["dropout", "add", "layer_norm"]),
 }
+FORM = {"functional": "functional", "functional_tanh": "functional",
+        "written_tanh": "functional", "shared_act": "functional"}
 ACTIVATION = {"module": "gelu", "module_tanh": "gelu_tanh", "module_dropout": "gelu",
               "functional": "gelu", "functional_tanh": "gelu_tanh", "written_tanh": "gelu_tanh",
-              "nested": "gelu", "shared_act": "gelu"}
+              "nested": "gelu", "shared_act": "gelu", "matmul": "gelu", "bart_like": "gelu"}
 NEGATIVE_REASON = {"relu": "not GELU", "silu": "not GELU", "quick_gelu": "not GELU",
                    "swiglu": "gated", "geglu": "gated", "hidden_twice": "also used",
                    "norm_between": "not to a Linear"}
@@ -86,6 +92,8 @@ def test_find_ffns_positive(name, x):
     for f in found:
         assert (f.d_in, f.d_hidden, f.d_out) == (tm.D, tm.H, tm.D)
         assert f.activation == ACTIVATION[name]
+        if name != "nested":
+            assert f.form == FORM.get(name, "module")
 
 
 def test_locations_are_module_paths(x):
