@@ -134,6 +134,8 @@ def _lookup_options(f):
 
 
 def _convert_options(f):
+    f = click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the LookupFFN initialisation (conversions are reproducible).")(f)
     f = click.option("--calibration", type=click.Path(dir_okay=False), default=None,
                      help="Calibration batch for --init distill (model inputs as .pt, "
                           ".safetensors or .npz; default: the example inputs).")(f)
@@ -197,10 +199,13 @@ def _calibration(path: str | None, loaded, init: str):
     return [load_inputs(path)]
 
 
-def _convert(loaded, config, init, calibration):
+def _convert(loaded, config, init, calibration, seed):
+    import torch
+
     import lookupc
 
     items = _calibration(calibration, loaded, init)
+    torch.manual_seed(seed)
     with _step(f"converting ({init} init)"):
         return lookupc.convert(loaded.module, loaded.example_inputs, config=config, init=init,
                                calibration=items)
@@ -279,12 +284,12 @@ def _inspect_artifact(path: str, json_path: str | None) -> None:
 @_model_options
 @_convert_options
 def convert(model, output, batch, seq_len, trust_pickle, tables, bits, block_size, init,
-            calibration):
+            calibration, seed):
     """Replace MODEL's FFNs with LookupFFNs and write a torch.export program (.pt2)."""
     if not output.endswith(".pt2"):
         raise _usage(f"-o/--output {output!r} must end in .pt2")
     loaded = _load(model, batch, seq_len, trust_pickle)
-    result = _convert(loaded, _config(tables, bits, block_size), init, calibration)
+    result = _convert(loaded, _config(tables, bits, block_size), init, calibration, seed)
     _print_report(result.report)
     import torch
 
@@ -321,7 +326,7 @@ def _kind_of_outputs(loaded) -> str:
 @_model_options
 @_convert_options
 def compile_(model, target, output, schedule, tuning_db, force, batch, seq_len, trust_pickle,
-             tables, bits, block_size, init, calibration):
+             tables, bits, block_size, init, calibration, seed):
     """Convert MODEL and compile it into a deployable artifact directory for --target."""
     from .targets import parse_target
 
@@ -329,7 +334,7 @@ def compile_(model, target, output, schedule, tuning_db, force, batch, seq_len, 
     if schedule == "tuned" and not tuning_db:
         raise _usage("--schedule tuned needs --tuning-db DIR (made by 'lookupc tune')")
     loaded = _load(model, batch, seq_len, trust_pickle)
-    result = _convert(loaded, _config(tables, bits, block_size), init, calibration)
+    result = _convert(loaded, _config(tables, bits, block_size), init, calibration, seed)
     _print_report(result.report)
     from .artifact import compile_artifact
 

@@ -186,8 +186,36 @@ def _load_pt2(spec: str) -> LoadedModel:
               f"with positional inputs")
     names = [getattr(s.arg, "name", f"input_{i}")
              for i, s in enumerate(ep.graph_signature.input_specs) if s.kind.name == "USER_INPUT"]
-    return LoadedModel(ep.module(), tuple(args), "pt2", spec, names,
+    return LoadedModel(_Unlifted.wrap(ep.module(), names), tuple(args), "pt2", spec, names,
                        {"exported_program": True})
+
+
+class _Unlifted:
+    """``ep.module()`` refuses ``.eval()``/``.train()``, which the frontend calls. Wrap it in
+    a module whose ``train(mode)`` only records the flag (export already fixed dropout and
+    batch-norm modes) and whose ``forward`` has the program's positional parameters (fx
+    cannot trace a ``*args`` forward)."""
+
+    @staticmethod
+    def wrap(graph_module, names: list[str]):
+        import torch
+
+        args = ", ".join(n if n.isidentifier() else f"input_{i}" for i, n in enumerate(names))
+        namespace: dict = {}
+        exec(f"def forward(self, {args}):\n    return self.program({args})\n", namespace)
+
+        class ExportedModule(torch.nn.Module):
+            forward = namespace["forward"]
+
+            def __init__(self, program):
+                super().__init__()
+                self.program = program
+
+            def train(self, mode: bool = True):
+                self.training = mode
+                return self
+
+        return ExportedModule(graph_module)
 
 
 def _ensure_lookupc_ops() -> None:

@@ -10,22 +10,34 @@ import torch
 
 pytest.importorskip("tvm")
 
+from click.testing import CliRunner  # noqa: E402
+
 import lookupc  # noqa: E402
 from lookupc import artifact as art  # noqa: E402
-from lookupc.model_io import export_program, load_model  # noqa: E402
+from lookupc.cli import cli  # noqa: E402
+from lookupc.model_io import export_program, load_model, save_inputs  # noqa: E402
 from lookupc.targets import host_target, parse_target  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    """tiny_bert (batch 2 x 8 tokens) converted and compiled for this host."""
-    loaded = load_model("examples.tiny_bert:factory", batch=2, seq_len=8)
-    result = lookupc.convert(loaded.module, loaded.example_inputs)
+    """``lookupc compile`` of tiny_bert (batch 2 x 8 tokens) for this host, and the same
+    conversion (same seed) done in this process."""
     out = tmp_path_factory.mktemp("artifact") / "tiny_bert.lookupc"
-    exported = export_program(result.module, loaded.example_inputs)
-    manifest, check = art.compile_artifact(result, loaded, host_target(), out, schedule="hand",
-                                           exported=exported)
-    return out, manifest, check, result, loaded, exported
+    cli_result = CliRunner().invoke(cli, ["compile", "examples.tiny_bert:factory", "-o", str(out),
+                                          "--seq-len", "8", "--seed", "3"])
+    assert cli_result.exit_code == 0, (cli_result.stderr, cli_result.exception)
+    manifest = json.loads((out / "manifest.json").read_text())
+    loaded = load_model("examples.tiny_bert:factory", batch=2, seq_len=8)
+    torch.manual_seed(3)
+    result = lookupc.convert(loaded.module, loaded.example_inputs)
+    return out, manifest, cli_result.stdout, result, loaded
+
+
+@pytest.fixture(scope="module")
+def exported(compiled):
+    _, _, _, result, loaded = compiled
+    return export_program(result.module, loaded.example_inputs)
 
 
 def _reference(module, inputs):
@@ -34,7 +46,7 @@ def _reference(module, inputs):
 
 
 def test_layout_and_manifest(compiled):
-    out, manifest, check, result, _, _ = compiled
+    out, manifest, check, result, _ = compiled
     names = sorted(p.name for p in out.iterdir())
     assert names == ["inputs.safetensors", "kernels.so", "manifest.json", "model.pt2"]
     on_disk = json.loads((out / "manifest.json").read_text())
@@ -52,11 +64,11 @@ def test_layout_and_manifest(compiled):
     assert manifest["program"]["inputs"] == [{"name": "input_0", "shape": [2, 8],
                                               "dtype": "int64"}]
     assert manifest["program"]["dynamic_dims"] is True
-    assert "max abs diff" in check
+    assert "2 FFN(s) replaced" in check and "max abs diff" in check
 
 
 def test_outputs_match_the_converted_model(compiled):
-    out, _, _, result, loaded, _ = compiled
+    out, _, _, result, loaded = compiled
     model = lookupc.load(out)
     assert isinstance(model, torch.nn.Module)
     # the program's lookupc ops really run the library's kernels
@@ -76,7 +88,7 @@ def test_outputs_match_the_converted_model(compiled):
 
 
 def test_artifact_kernels_equal_the_reference_ops_bit_for_bit_on_codes(compiled):
-    out, _, _, result, loaded, _ = compiled
+    out, _, _, result, loaded = compiled
     model = lookupc.load(out)
     lookup = next(m for m in result.module.modules() if isinstance(m, lookupc.LookupFFN))
     x = torch.randn(37, 128)
@@ -136,8 +148,8 @@ def _edit_manifest(d: Path, edit, rehash: bool = False) -> None:
     p.write_text(json.dumps(m))
 
 
-def _cross_compile(compiled, tmp_path, target: str) -> Path:
-    _, _, _, result, loaded, exported = compiled
+def _cross_compile(compiled, exported, tmp_path, target: str) -> Path:
+    _, _, _, result, loaded = compiled
     out = tmp_path / "cross"
     manifest, check = art.compile_artifact(result, loaded, parse_target(target), out,
                                            schedule="naive", exported=exported)
@@ -145,8 +157,9 @@ def _cross_compile(compiled, tmp_path, target: str) -> Path:
     return out
 
 
-def test_cross_arch_artifact_is_written_but_refused_here(compiled, tmp_path):
-    out = _cross_compile(compiled, tmp_path, "llvm -mtriple=aarch64-linux-gnu -mcpu=neoverse-n1")
+def test_cross_arch_artifact_is_written_but_refused_here(compiled, exported, tmp_path):
+    out = _cross_compile(compiled, exported, tmp_path,
+                         "llvm -mtriple=aarch64-linux-gnu -mcpu=neoverse-n1")
     manifest = art.verify(out)  # intact, just not for this machine
     assert manifest["library"] == "kernels.tar" and (out / "kernels.tar").stat().st_size > 0
     assert manifest["target"]["mcpu"] == "neoverse-n1"
@@ -155,21 +168,49 @@ def test_cross_arch_artifact_is_written_but_refused_here(compiled, tmp_path):
         lookupc.load(out)
 
 
-def test_missing_isa_extension_is_refused(compiled, tmp_path):
+def test_missing_isa_extension_is_refused(compiled, exported, tmp_path):
     flags = Path("/proc/cpuinfo").read_text()
     if "avx512f" in flags or "flags" not in flags:
         pytest.skip("needs an x86 host without AVX-512")
-    out = _cross_compile(compiled, tmp_path, "llvm -mcpu=skylake-avx512 -mattr=+avx512f")
+    out = _cross_compile(compiled, exported, tmp_path,
+                         "llvm -mcpu=skylake-avx512 -mattr=+avx512f")
     with pytest.raises(art.ArtifactError, match="avx512f.*which this CPU .* lacks"):
         lookupc.load(out)
 
 
 def test_refuses_to_overwrite_without_force(compiled, tmp_path):
-    out, _, _, result, loaded, _ = compiled
-    with pytest.raises(lookupc.LookupcInputError, match="pass --force"):
-        art.compile_artifact(result, loaded, host_target(), out)
+    out, _, _, result, loaded = compiled
+    r = CliRunner().invoke(cli, ["compile", "examples.tiny_bert:factory", "-o", str(out)])
+    assert r.exit_code != 0 and "artifact exists; pass --force" in r.stderr
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "precious.txt").write_text("keep")
     with pytest.raises(lookupc.LookupcInputError, match="not a lookupc artifact"):
         art.compile_artifact(result, loaded, host_target(), tmp_path / "x", overwrite=True)
     assert (tmp_path / "x" / "precious.txt").read_text() == "keep"
+
+
+def test_cli_run_and_inspect(compiled, tmp_path):
+    out, _, _, result, _ = compiled
+    # another token count than compiled, from an input file; outputs saved
+    ids = torch.randint(0, 1000, (1, 21))
+    save_inputs((ids,), str(tmp_path / "in.safetensors"))
+    r = CliRunner().invoke(cli, ["run", str(out), "--input", str(tmp_path / "in.safetensors"),
+                                 "-o", str(tmp_path / "y.pt"), "--repeat", "1"])
+    assert r.exit_code == 0, (r.stderr, r.exception)
+    assert "output  output: (1, 21, 128) float32" in r.stdout
+    err = float(r.stdout.split("max |artifact - PyTorch reference| = ")[1].split()[0])
+    assert err < 1e-4
+    y = torch.load(tmp_path / "y.pt", weights_only=True)["input_0"]
+    torch.testing.assert_close(y, _reference(result.module, (ids,)), rtol=1e-4, atol=1e-4)
+    r = CliRunner().invoke(cli, ["inspect", str(out)])
+    assert "verify     ok" in r.stdout and "runs here  yes" in r.stdout
+
+
+def test_cli_refuses_a_tampered_artifact_in_one_line(compiled, tmp_path):
+    d = _copy(compiled[0], tmp_path / "a")
+    _flip_byte(d / "kernels.so")
+    r = CliRunner().invoke(cli, ["run", str(d)])
+    assert r.exit_code != 0 and "kernels.so was modified" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
+    r = CliRunner().invoke(cli, ["inspect", str(d)])
+    assert "FAILED: kernels.so was modified" in r.stdout
