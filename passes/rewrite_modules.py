@@ -3,7 +3,10 @@
 Precondition: matches of form ``'module'`` from :func:`lookupc.passes.match_ffn.analyze`
 on a model with the same module paths. fc1 becomes the LookupFFN; the activation
 modules (and dropouts between) and fc2 become ``nn.Identity``, so what the parent
-does around them (residual add, LayerNorm: Hugging Face ``BertOutput``) stays.
+does around them (residual add, LayerNorm: Hugging Face ``BertOutput``) stays. A
+functional dropout that the parent applies between the calls (BART's
+``F.dropout(h, p, self.training)``) stays too and then acts on the LookupFFN's output:
+the same in eval mode, dropout on d_out instead of d_hidden in training mode.
 """
 
 from __future__ import annotations

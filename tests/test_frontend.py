@@ -348,3 +348,13 @@ def test_unsupported_dtype_is_skipped(x):
     assert result.report.matched == []
     (location, reason), = result.report.skipped
     assert location == "fc1" and "bfloat16" in reason
+
+
+def test_api_docstring_examples():
+    """The examples in find_ffns/convert docstrings run (and match the README's FLOPs)."""
+    import doctest
+
+    from lookupc.passes import api
+
+    failed, attempted = doctest.testmod(api, optionflags=doctest.ELLIPSIS)
+    assert attempted >= 4 and failed == 0
