@@ -258,5 +258,5 @@ def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
 
 def _matched(m: FFNMatch, lookup: LookupFFN) -> MatchedFFN:
     return MatchedFFN(m.name, m.d_in, m.d_hidden, m.d_out, m.activation, m.form,
-                      lookup.config, m.dense_flops(), lookup.flops_per_token(),
-                      lookup.table_bytes())
+                      lookup.config, m.calls * m.dense_flops(),
+                      m.calls * lookup.flops_per_token(), lookup.table_bytes(), calls=m.calls)

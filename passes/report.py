@@ -18,7 +18,11 @@ __all__ = ["MatchedFFN", "ConversionReport"]
 
 @dataclass
 class MatchedFFN:
-    """One replaced FFN. ``rel_error`` is set by distillation (held-out relative error)."""
+    """One replaced FFN. ``rel_error`` is set by distillation (held-out relative error).
+
+    ``calls`` is how often the FFN runs per forward (> 1 for shared layers such as
+    ALBERT's); the FLOPs count every call, the table bytes once.
+    """
 
     name: str
     d_in: int
@@ -31,13 +35,14 @@ class MatchedFFN:
     flops_after: int
     table_bytes: int
     rel_error: float | None = None
+    calls: int = 1
 
     def to_dict(self) -> dict:
         return {"name": self.name, "d_in": self.d_in, "d_hidden": self.d_hidden,
                 "d_out": self.d_out, "activation": self.activation, "form": self.form,
                 "config": self.config.to_dict(), "flops_before": self.flops_before,
                 "flops_after": self.flops_after, "table_bytes": self.table_bytes,
-                "rel_error": self.rel_error}
+                "rel_error": self.rel_error, "calls": self.calls}
 
 
 @dataclass
@@ -70,7 +75,8 @@ class ConversionReport:
                  "FLOPs dense", "FLOPs lookup", "tables", "rel_err"]]
         for m in self.matched:
             c = m.config
-            rows.append([m.name, f"{m.d_in}-{m.d_hidden}-{m.d_out}", m.activation, m.form,
+            form = m.form if m.calls == 1 else f"{m.form} x{m.calls}"
+            rows.append([m.name, f"{m.d_in}-{m.d_hidden}-{m.d_out}", m.activation, form,
                          f"{c.tables}x{c.bits} / {c.block_size}", f"{m.flops_before:,}",
                          f"{m.flops_after:,}", _bytes(m.table_bytes),
                          "-" if m.rel_error is None else f"{m.rel_error:.4f}"])

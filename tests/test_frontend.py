@@ -300,6 +300,7 @@ def test_tied_ffn_called_twice(x):
     result = lookupc.convert(model, (x,))
     (found,) = lookupc.find_ffns(model, (x,))
     assert found.calls == 2 and result.report.skipped == []
+    assert result.report.flops_before == 2 * 4176  # two calls per token
     (rep,) = result.replacements
     assert exported_targets(result.module, x) == LOOKUP * 2
     check = copy.deepcopy(result.module)

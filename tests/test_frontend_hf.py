@@ -145,6 +145,9 @@ def test_albert_shared_layer_is_one_ffn_called_per_layer():
     assert (found.name, found.calls, found.form) == (
         "encoder.albert_layer_groups.0.albert_layers.0.ffn", 3, "module")
     result = lookupc.convert(model, example)
+    (matched,) = result.report.matched
+    assert matched.calls == 3 and "module x3" in str(result.report)
+    assert matched.flops_before == 3 * (2 * 32 * 64 * 2 + 64 + 32)  # every call counts
     out = _last_hidden(result.module, _inputs(1, 5))
     assert out.shape == (1, 5, 32) and torch.isfinite(out).all()
 
