@@ -23,7 +23,9 @@ CUDA hash is built per padded token count; both pad the batch with zero rows (wh
 gradients are zero) and cut the results back.
 
 Registering: importing this module registers the provider factory under ``"cuda"``
-(``lookupc.dispatch`` imports it on first use). Creating the provider fails with
+(``lookupc.dispatch`` imports it on first use), and ``"cuda-emulate"``: the CUDA
+schedules run serially on CPU float32 tensors (slow; for checking and debugging the
+GPU path on a machine without one). Creating the provider fails with
 :class:`~lookupc.errors.LookupcError` when TVM cannot reach a CUDA device; building a
 kernel fails the same way (naming the kernel and arch) instead of falling back.
 """
@@ -43,8 +45,8 @@ from torch import Tensor
 from . import dispatch
 from .errors import LookupcError
 
-__all__ = ["TirTrainingKernels", "CudaProvider", "TABLE_GRAD_METHODS", "kernel_catalogue",
-           "cuda_source"]
+__all__ = ["TirTrainingKernels", "CudaProvider", "EmulatedCudaProvider", "TABLE_GRAD_METHODS",
+           "kernel_catalogue", "cuda_source"]
 
 TABLE_GRAD_METHODS = ("atomic", "segment")
 _MODES = ("cuda", "emulate", "naive")
@@ -432,4 +434,37 @@ class CudaProvider:
             return self.kernels(scores).gather_backward(grad_y, codes, scores, tables)
 
 
+class EmulatedCudaProvider:
+    """The CUDA schedules emulated on the CPU (``mode="emulate"``) as a provider."""
+
+    name = "cuda-emulate"
+
+    def __init__(self, table_grad: str = "atomic"):
+        self._kernels = TirTrainingKernels("emulate", table_grad=table_grad)
+
+    def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return device.type == "cpu" and dtype == torch.float32
+
+    def set_table_grad(self, method: str) -> None:
+        if method not in TABLE_GRAD_METHODS:
+            raise ValueError(f"table_grad must be one of {TABLE_GRAD_METHODS}, got {method!r}")
+        self._kernels.table_grad = method
+
+    def kernels(self, t: Tensor) -> TirTrainingKernels:
+        return self._kernels
+
+    def hash(self, x, weight, hash_bias, decay, bits):
+        return self._kernels.hash(x, weight, hash_bias, decay, bits)
+
+    def gather(self, codes, scores, tables, bias):
+        return self._kernels.gather(codes, scores, tables, bias)
+
+    def hash_backward(self, grad_scores, x, weight, hash_bias, decay, bits):
+        return self._kernels.hash_backward(grad_scores, x, weight, hash_bias, decay, bits)
+
+    def gather_backward(self, grad_y, codes, scores, tables):
+        return self._kernels.gather_backward(grad_y, codes, scores, tables)
+
+
 dispatch.register_provider("cuda", CudaProvider)
+dispatch.register_provider("cuda-emulate", EmulatedCudaProvider)
