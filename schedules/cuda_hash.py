@@ -43,8 +43,8 @@ def schedule_hash(func, tokens: int, emulate: bool = False, threads: int = DEFAU
     sch = g.sch
     chain = _chain(sch)
     if tile is None:
-        _, reps, nb, bs = (int(v.dom.extent) if i else None
-                           for i, v in enumerate(sch.get(sch.get_sblock(chain[-1])).iter_vars))
+        dims = sch.get(sch.get_sblock(chain[-1])).iter_vars[1:4]  # (n,) R, D/BS, BS
+        reps, nb, bs = (int(v.dom.extent) for v in dims)
         tile = hash_tile(nb * bs, reps)
     if tokens % tile:
         raise ValueError(f"tokens={tokens} must be a multiple of the tile {tile}")

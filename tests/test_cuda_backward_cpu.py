@@ -143,3 +143,12 @@ def test_ops_dispatch_to_emulated_cuda_kernels_with_autograd():
         grads.append([y.detach(), xr.grad] + [p.grad.clone() for p in m.parameters()])
     for got, want in zip(*grads):
         _close(got, want, "emulated vs reference")
+
+
+def test_emulated_hash_with_a_single_bh4_block(emulate):
+    """block_size == padded width: no butterfly stage is left after folding."""
+    x, w, hb, _, _, bits = _case(5, 16, 8, 4, 4, 16, 1)
+    codes, scores = emulate.hash(x, w, hb, 0.7, bits)
+    r_codes, r_scores = ref.codes_scores(ref.hash_forward(x, w, hb, 0.7), bits)
+    assert torch.equal(codes, r_codes)
+    _close(scores, r_scores, "scores")
