@@ -1,8 +1,16 @@
 import os
 import sys
 
-import pytest
-import torch
+# TVM's runtime pins the calling thread to core 0 when it sizes its pool unless told
+# not to; set before anything imports TVM so torch's threads are never pinned.
+os.environ.setdefault("TVM_BIND_THREADS", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tests use small tensors: one torch thread is as fast and, unlike two OpenMP threads
+# spinning at barriers, does not slow down 50x when the machine is oversubscribed.
+torch.set_num_threads(int(os.environ.get("LOOKUPC_TEST_THREADS", "1")))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
