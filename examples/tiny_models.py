@@ -21,7 +21,8 @@ class ModuleFFN(nn.Module):
 
     def __init__(self, d: int = D, h: int = H, approximate: str = "none", dropout: float = 0.0):
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(d, h), nn.GELU(approximate=approximate), nn.Linear(h, d)
+        self.fc1, self.fc2 = nn.Linear(d, h), nn.Linear(h, d)
+        self.act = nn.GELU(approximate=approximate)
         self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def forward(self, x):
@@ -53,7 +54,8 @@ class WrittenTanhFFN(nn.Module):
 
     def forward(self, x):
         h = self.fc1(x)
-        h = 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * torch.pow(h, 3.0))))
+        inner = math.sqrt(2.0 / math.pi) * (h + 0.044715 * torch.pow(h, 3.0))
+        h = 0.5 * h * (1.0 + torch.tanh(inner))
         return self.fc2(F.dropout(h, 0.1, self.training))
 
 

@@ -442,7 +442,8 @@ def _not_gated(c: Candidate) -> str | None:
             if u.target == aten.mul.Tensor:
                 return (f"gated FFN (GLU/SwiGLU-style): the activation is multiplied by "
                         f"another branch ({what}) at {c.view.describe(u)}")
-            return f"the activation is combined with another tensor ({what}) at {c.view.describe(u)}"
+            return (f"the activation is combined with another tensor ({what}) at "
+                    f"{c.view.describe(u)}")
     return None
 
 

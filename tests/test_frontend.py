@@ -28,7 +28,7 @@ GOLDEN = {
     "module_dropout": (["linear", "gelu", "dropout", "linear"], LOOKUP),
     "functional": (["linear", "gelu", "linear", "add"], LOOKUP + ["add"]),
     "functional_tanh": (["linear", "gelu", "linear", "add"], LOOKUP + ["add"]),
-    "written_tanh": (["linear", "mul", "pow", "mul", "add", "mul", "tanh", "add", "mul",
+    "written_tanh": (["linear", "pow", "mul", "add", "mul", "mul", "tanh", "add", "mul",
                       "dropout", "linear"], LOOKUP),
     "nested": (["layer_norm", "linear", "gelu", "dropout", "linear", "add",
                 "layer_norm", "linear", "gelu", "linear", "add", "add", "linear"],
