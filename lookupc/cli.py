@@ -394,6 +394,211 @@ def run(artifact, input_path, output, check, repeat, ignore_versions):
         click.echo(f"wrote {output}", err=True)
 
 
+# --- tune -------------------------------------------------------------------------------------
+
+@cli.command(context_settings=_CONTEXT, epilog=MODEL_HELP)
+@click.argument("model", required=False)
+@click.option("--config", "preset", default=None,
+              help="Tune the FFN shapes of a named benchmark config instead of a MODEL "
+                   "(see 'lookupc compare --help').")
+@click.option("--target", default=None, help="Target to tune for (default: this machine).")
+@click.option("--db", "db_dir", required=True, type=click.Path(file_okay=False),
+              help="Tuning database directory (created; an existing one is resumed).")
+@click.option("--trials", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Measured candidates per kernel (records already in --db count).")
+@click.option("--cost-model", type=click.Choice(["xgb", "random"]), default="xgb",
+              show_default=True, help="MetaSchedule cost model.")
+@_model_options
+@_lookup_options
+def tune(model, preset, target, db_dir, trials, cost_model, batch, seq_len, trust_pickle,
+         tables, bits, block_size):
+    """Tune the hash and gather kernels for MODEL's LookupFFN shapes into a persistent
+    MetaSchedule database. Resumable: an interrupted run keeps every finished record,
+    and kernels that already have --trials records are skipped. Use the result with
+    'lookupc compile ... --schedule tuned --tuning-db DIR'."""
+    from .targets import can_execute, parse_target
+
+    spec = parse_target(target)
+    ok, why = can_execute(spec)
+    if not ok:
+        raise _usage(f"cannot tune for {spec} here: tuning measures the kernels, and {why}")
+    shapes = _shapes_to_tune(model, preset, batch, seq_len, trust_pickle, tables, bits,
+                             block_size)
+    from tqdm import tqdm
+
+    from . import kernels
+
+    bar = tqdm(total=2 * len(shapes), desc="tune", unit="kernel")
+
+    def log(message: str) -> None:
+        tqdm.write(message, file=sys.stderr)
+        if message.endswith("skipped") or ": done in " in message:
+            bar.update(1)
+
+    try:
+        kernels.tune(shapes, spec.to_tvm(), db_dir, trials, cost_model=cost_model, log=log)
+    finally:
+        bar.close()
+    click.echo(f"tuned {len(shapes)} LookupFFN shape(s) for {spec} into {db_dir}; compile with "
+               f"--schedule tuned --tuning-db {db_dir} --target '{spec}'")
+
+
+def _shapes_to_tune(model, preset, batch, seq_len, trust_pickle, tables, bits, block_size):
+    if (model is None) == (preset is None):
+        raise _usage("give a MODEL or --config NAME (one of them)")
+    if preset is not None:
+        return [s for _, s in _preset(preset, _config(tables, bits, block_size))]
+    from .artifact import lookup_shapes
+
+    loaded = _load(model, batch, seq_len, trust_pickle)
+    result = _convert(loaded, _config(tables, bits, block_size), "random", None, 0)
+    return lookup_shapes(result.module)
+
+
+# --- compare ----------------------------------------------------------------------------------
+
+def _bench():
+    """``bench/ffn.py`` of the source checkout: the timing code ``compare`` reuses."""
+    import importlib.util as iu
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "ffn.py"
+    if not path.is_file():
+        raise _usage(f"'lookupc compare' runs the benchmark in the source checkout's "
+                     f"bench/ffn.py, which is not at {path}")
+    spec = iu.spec_from_file_location("lookupc_bench_ffn", path)
+    module = iu.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _preset(name: str, config=None) -> list:
+    """``[(name, KernelShapes)]`` for a bench config name or ``DxH`` (d_model x d_hidden)."""
+    from .kernels import KernelShapes
+
+    d, hidden, cfg = _bench_config(_bench(), name, config)
+    return [(name, KernelShapes.for_config(d, d, cfg))]
+
+
+def _bench_config(bench, name: str, config=None):
+    from .config import LookupConfig
+
+    if name in bench.CONFIGS and config is None:
+        return bench.CONFIGS[name]
+    if name in bench.CONFIGS:
+        d, hidden, _ = bench.CONFIGS[name]
+    else:
+        parts = name.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise _usage(f"unknown --config {name!r}; use one of {', '.join(bench.CONFIGS)} "
+                         f"or DxH for a d_model x d_hidden FFN (e.g. 128x512)")
+        d, hidden = map(int, parts)
+    if config is None:
+        config = LookupConfig.for_ffn(d, hidden, d)
+    config.check_for(d)
+    bench.CONFIGS[name] = (d, hidden, config)
+    return bench.CONFIGS[name]
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.option("--schedules", default="naive,hand,tuned", show_default=True,
+              help="Comma-separated kernel schedules to time next to the dense FFN.")
+@click.option("--config", "configs", multiple=True,
+              help="FFN size: paper (512-2048-512), minilm, bert-base, or DxH such as 128x512; "
+                   "repeatable (default: paper).")
+@click.option("--tokens", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Tokens per call.")
+@click.option("--repeats", type=click.IntRange(min=3), default=10, show_default=True,
+              help="Interleaved timed rounds (median and min are reported).")
+@_lookup_options
+@click.option("--tuning-db", type=click.Path(file_okay=False), default=None,
+              help="Tuning database for the 'tuned' schedule (default: lookupc's cache).")
+@click.option("--torch-compile/--no-torch-compile", default=True, show_default=True,
+              help="Also time torch.compile of the dense FFN.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the rows and machine facts as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write a bar chart (PNG) of the median times.")
+def compare(schedules, configs, tokens, repeats, tables, bits, block_size, tuning_db,
+            torch_compile, json_path, plot_path):
+    """Time the LookupFFN kernel schedules side by side with the dense FFN (and the PyTorch
+    reference ops) on random inputs; print a table, optionally write JSON and a PNG.
+
+    The timing is bench/ffn.py's: all cores, one warm-up, then interleaved rounds so
+    load changes on a shared machine hit every variant alike."""
+    threads = os.cpu_count() or 1
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads))
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
+    names = [s.strip() for s in schedules.split(",") if s.strip()]
+    unknown = sorted(set(names) - {"naive", "hand", "cpu", "tuned"})
+    if unknown:
+        raise _usage(f"unknown schedule(s) {', '.join(unknown)} in --schedules; accepted: "
+                     f"naive, hand (= cpu), tuned")
+    bench = _bench()
+    import torch
+
+    from . import tvm_shim
+
+    torch.set_num_threads(threads)
+    config = _config(tables, bits, block_size)
+    configs = list(configs) or ["paper"]
+    for name in configs:
+        _bench_config(bench, name, config)
+    if "tuned" in names:
+        from .schedules.tuned import default_db_dir
+
+        tuning_db = tuning_db or default_db_dir()
+    bw_l3 = bench.read_bandwidth(8 << 20)
+    rows = []
+    for name in configs:
+        with _step(f"timing {name} ({tokens} tokens, {repeats} rounds)"):
+            rows += bench.run_config(name, tokens, repeats, names, tuning_db,
+                                     min(256, tokens), torch_compile, bw_l3)
+    click.echo(f"CPU: {bench.cpu_name()} (llvm mcpu {tvm_shim.llvm_get_system_cpu()}), "
+               f"threads {threads}, load average {os.getloadavg()[0]:.1f}")
+    bench.print_table(rows)
+    machine = {"cpu": bench.cpu_name(), "llvm_mcpu": tvm_shim.llvm_get_system_cpu(),
+               "threads": threads, "torch": torch.__version__, "tvm": tvm_shim.tvm_version(),
+               "load_avg_1m": os.getloadavg()[0]}
+    _write_json(json_path, {"machine": machine, "bandwidth_gbs": {"l3_sized_8MiB": bw_l3},
+                            "configs": {n: {"d_model": bench.CONFIGS[n][0],
+                                            "d_hidden": bench.CONFIGS[n][1],
+                                            **bench.CONFIGS[n][2].to_dict()} for n in configs},
+                            "tuning_db": tuning_db, "rows": rows})
+    if plot_path:
+        _plot(rows, plot_path, machine)
+        click.echo(f"wrote {plot_path}", err=True)
+
+
+def _plot(rows: list[dict], path: str, machine: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    fig, axes = plt.subplots(1, len(configs), figsize=(4.5 * len(configs), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], configs):
+        sub = [r for r in rows if r["config"] == name]
+        labels = [r["variant"] for r in sub]
+        bars = ax.barh(labels, [r["ms_median"] for r in sub],
+                       color=["#888888" if r["variant"].startswith("dense") else "#3b7dd8"
+                              for r in sub])
+        for bar, r in zip(bars, sub):
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                    f" {r['speedup_vs_dense']:.2f}x", va="center", fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlim(right=max(r["ms_median"] for r in sub) * 4)  # room for the labels
+        ax.invert_yaxis()
+        ax.set_xlabel(f"median ms per call ({sub[0]['tokens']} tokens, log)")
+        ax.set_title(f"{name}: speed-up vs dense", fontsize=10)
+    fig.suptitle(f"lookupc compare on {machine['llvm_mcpu']}, {machine['threads']} threads",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``lookupc`` console script."""
     cli.main(args=argv, prog_name="lookupc")

@@ -36,7 +36,7 @@ def test_help_is_fast_and_lists_the_commands():
     r = _run("--help")
     elapsed = time.perf_counter() - t0
     assert r.returncode == 0, r.stderr
-    for command in ("inspect", "convert", "compile", "run"):
+    for command in ("inspect", "convert", "compile", "run", "tune", "compare"):
         assert f"  {command}" in r.stdout
     assert elapsed < 5.0  # torch alone takes longer than this to import on a loaded box
 
