@@ -36,6 +36,7 @@ __all__ = ["SCHEDULES", "schedule_gather_score_grad", "schedule_table_grad_scatt
 
 # Shared memory per block (floats) the round kernels may use for one stage buffer.
 _TILE_FLOATS = 2048
+SHARED_FLOATS = 12 * 1024  # 48 KiB: the static shared memory limit per block
 
 
 def schedule_gather_score_grad(func, emulate: bool = False, tables_per_block: int = 8):
@@ -123,13 +124,14 @@ def schedule_round(func, emulate: bool = False, threads: int = DEFAULT_THREADS,
     # (the butterflies exchange values across the whole row, so the row stays on chip).
     for name in reversed(names[:-1]):
         blk = sch.get_sblock(name)
-        sch.compute_at(blk, t)
+        sch.compute_at(blk, t, preserve_unit_loops=True)
         g.set_scope(blk, "shared")
     if first == "bmm":
         _schedule_bmm(g, sch.get_sblock("bmm"), t, threads)
     # Phase 4: each stage's tile elements spread over the block's threads.
     for name in names[1:] if first == "bmm" else names:
-        g.bind_threads(sch.get_sblock(name), 2, threads)
+        blk = sch.get_sblock(name)
+        g.bind_threads(blk, g.depth_below(blk, t), threads)
     return g.mod
 
 
@@ -139,19 +141,20 @@ def _schedule_bmm(g: GpuSchedule, blk, tile_loop, threads: int) -> None:
     # The input tile is read BS times per value: stage it in shared memory.
     cache = g.cache_read(blk, "a", "shared")
     sch.compute_at(cache, tile_loop)
-    g.bind_threads(cache, 2, threads)
-    _, _, p, j, i = sch.get_loops(blk)
-    bs = int(sch.get(blk).iter_vars[4].dom.extent)
-    # One BH4 block at a time: its BS x BS weights (<= 16 KiB) staged in shared memory,
-    # rows padded by one float so that lanes reading a column hit different banks.
+    g.bind_threads(cache, g.depth_below(cache, tile_loop), threads)
+    p, j, i = sch.get_loops(blk)[-3:]
+    tile, width, bs = (int(v.dom.extent) for v in sch.get(blk).iter_vars[2:5])  # R, m, ..
+    # One BH4 block at a time: its BS x BS weights staged in shared memory (when they fit
+    # next to the two [tile, D] stage buffers), rows padded by one float so that lanes
+    # reading a column hit different banks.
     jb, jo = sch.split(j, [None, bs])
     sch.reorder(jb, p, jo)
-    if bs * bs <= 4096:
+    if 2 * tile * width + bs * (bs + 1) <= SHARED_FLOATS:
         w_cache = g.cache_read(blk, "w", "shared")
         sch.compute_at(w_cache, jb)
         if not g.emulate:
             sch.storage_align(w_cache, 0, axis=2, factor=32, offset=1)
-        g.bind_threads(w_cache, 3, threads)
+        g.bind_threads(w_cache, g.depth_below(w_cache, jb), threads)
     lane = g.fuse([p, jo])
     _, tx = sch.split(lane, [None, threads])
     g.bind(tx, "threadIdx.x")
@@ -175,7 +178,7 @@ def schedule_score_grad(func, emulate: bool = False, threads: int = DEFAULT_THRE
     g.bind(t, "blockIdx.x")
     for name in ("log_p", "abs_sum", "z"):  # consumers first
         blk = sch.get_sblock(name)
-        sch.compute_at(blk, t)
+        sch.compute_at(blk, t, preserve_unit_loops=True)
         g.set_scope(blk, "shared")
     for name in ("z", "abs_sum", "log_p", "dz"):
         g.bind_threads(sch.get_sblock(name), 1, threads)

@@ -29,7 +29,7 @@ def schedule_gather(func, emulate: bool = False, threads: int = DEFAULT_THREADS)
     for name in ("scores", "codes"):
         cache = g.cache_read(blk, name, "shared")
         sch.compute_at(cache, co)
-        g.bind_threads(cache, 2, threads)
+        g.bind_threads(cache, g.depth_below(cache, co), threads)
     g.bind(ci, "threadIdx.x")
     # Phase 3: accumulate over the tables in a register, write y once.
     acc = sch.cache_write(blk, 0, "global" if emulate else "local")

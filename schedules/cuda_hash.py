@@ -16,6 +16,7 @@ multiple of the tile (:func:`hash_tile`): ``lookupc.cuda_kernels`` pads the batc
 
 from __future__ import annotations
 
+from .cuda_backward import SHARED_FLOATS
 from .cuda_util import DEFAULT_THREADS, GpuSchedule, specialize_tokens
 
 __all__ = ["schedule_hash", "hash_tile"]
@@ -42,10 +43,9 @@ def schedule_hash(func, tokens: int, emulate: bool = False, threads: int = DEFAU
     g = GpuSchedule.of(specialize_tokens(func, tokens), emulate)
     sch = g.sch
     chain = _chain(sch)
-    if tile is None:
-        dims = sch.get(sch.get_sblock(chain[-1])).iter_vars[1:4]  # (n,) R, D/BS, BS
-        reps, nb, bs = (int(v.dom.extent) for v in dims)
-        tile = hash_tile(nb * bs, reps)
+    dims = sch.get(sch.get_sblock(chain[-1])).iter_vars[1:4]  # (n,) R, D/BS, BS
+    reps, nb, bs = (int(v.dom.extent) for v in dims)
+    tile = tile or hash_tile(nb * bs, reps)
     if tokens % tile:
         raise ValueError(f"tokens={tokens} must be a multiple of the tile {tile}")
     # Phase 1: the zero padding is inlined into its two readers (first matmul and mix).
@@ -65,7 +65,8 @@ def schedule_hash(func, tokens: int, emulate: bool = False, threads: int = DEFAU
     for name in chain + list(_OUTPUT_SIDE):
         blk = sch.get_sblock(name)
         if name.startswith("bmm"):
-            _schedule_bmm(g, blk, threads)
+            _schedule_bmm(g, blk, threads, stage_weights=tile * reps * nb * bs
+                          + 2 * bs * bs < SHARED_FLOATS)
         else:
             g.bind_threads(blk, 1, threads)
             _, red = g.split_loops(blk, 1)
@@ -74,14 +75,15 @@ def schedule_hash(func, tokens: int, emulate: bool = False, threads: int = DEFAU
     return g.mod
 
 
-def _schedule_bmm(g: GpuSchedule, blk, threads: int) -> None:
+def _schedule_bmm(g: GpuSchedule, blk, threads: int, stage_weights: bool) -> None:
     """Block matmul under the tile loop: loops (tile loop, i, r, b, o, k)."""
     sch = g.sch
     _, i, r, b, o, _ = sch.get_loops(blk)
     sch.reorder(r, b, i, o)
-    w_cache = g.cache_read(blk, "weight", "shared")
-    sch.compute_at(w_cache, b)
-    g.bind_threads(w_cache, 3, threads)
+    if stage_weights:  # (the stage buffer and two weight blocks fit in 48 KiB)
+        w_cache = g.cache_read(blk, "weight", "shared")
+        sch.compute_at(w_cache, b)
+        g.bind_threads(w_cache, g.depth_below(w_cache, b), threads)
     _, tx = sch.split(g.fuse([i, o]), [None, threads])
     g.bind(tx, "threadIdx.x")
     acc = sch.cache_write(blk, 0, "global" if g.emulate else "local")

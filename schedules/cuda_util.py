@@ -92,6 +92,14 @@ class GpuSchedule:
     def fuse(self, loops):
         return loops[0] if len(loops) == 1 else self.sch.fuse(*loops)
 
+    def depth_below(self, block, loop) -> int:
+        """Number of ``block``'s loops down to and including ``loop``."""
+        target = self.sch.get(loop)
+        for i, lp in enumerate(self.sch.get_loops(block)):
+            if self.sch.get(lp).same_as(target):
+                return i + 1
+        raise ValueError("loop does not enclose the block")
+
     def bind_threads(self, block, outer: int, threads: int) -> None:
         """Fuse the spatial loops of ``block`` below ``outer`` and spread them over threadIdx.x.
 

@@ -77,9 +77,14 @@ def test_kernel_specific_features(sources):
     assert sources["round_bwd", "sm_90"].count("__syncthreads") >= 6
 
 
-@pytest.mark.parametrize("name", ["hash", "round_bwd", "weight_grad"])
-def test_paper_config_fits_shared_memory(name):
-    src = cuda_source(name, PAPER, "sm_90")
+WIDE = KernelShapes(d_in=4096, d_out=64, tables=256, bits=8, block_size=64, repeats=1)
+
+
+@pytest.mark.parametrize("shapes,name", [(PAPER, "hash"), (PAPER, "round_bwd"),
+                                         (PAPER, "weight_grad"), (WIDE, "hash"),
+                                         (WIDE, "round_fwd")], ids=lambda v: getattr(v, "key", v))
+def test_kernels_fit_static_shared_memory(shapes, name):
+    src = cuda_source(name, shapes, "sm_90")
     assert 0 < _shared_bytes(src) <= SHARED_LIMIT
 
 
