@@ -63,7 +63,7 @@ class HashKnobs:
     divides ``tile``, ``cols`` divides the block size and is a multiple of the vector width.
     """
 
-    tile: Any = 8
+    tile: Any = 8  # or (groups, rows) with tile = groups * rows
     rows: Any = 4
     cols: Any = 16
 
@@ -132,7 +132,9 @@ def schedule_hash(sch: Any, shapes: Any, lanes: int, knobs: HashKnobs) -> None:
     # Phase 1: token tiles in parallel, anchored at "mix".
     mix = sch.get_sblock("mix")
     i, _, _ = sch.get_loops(mix)
-    tile_o, _ = sch.split(i, [None, knobs.tile])
+    # (tile may be a pair (groups, rows): tile = groups * rows, as MetaSchedule samples it)
+    factors = list(knobs.tile) if isinstance(knobs.tile, tuple) else [knobs.tile]
+    tile_o = sch.split(i, [None, *factors])[0]
     sch.parallel(tile_o)
     # Phase 2: outputs after, all producers inside the tile (consumers first).
     for name in ("code", "sabs", "den", "score"):

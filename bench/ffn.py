@@ -1,0 +1,262 @@
+"""Benchmark: dense PyTorch FFN vs LookupFFN (PyTorch reference and TVM schedules) on CPU.
+
+    python bench/ffn.py --config paper --tokens 4096 --json out.json
+
+One row per variant: ``dense`` (Linear-GELU-Linear, fp32, eval, no_grad),
+``dense-compiled`` (torch.compile of it, when that works), ``lookup-reference`` (the
+PyTorch reference ops), ``tvm-naive``, ``tvm-cpu``, ``tvm-tuned``. Each row has
+``variant, config, tokens, ms_median, ms_min, speedup_vs_dense`` (dense median / row
+median, same run), and for LookupFFN rows ``hash_ms`` and ``gather_ms`` (medians of the
+two kernels timed alone), plus ``gather_bound_ms`` and ``gather_vs_bound``.
+
+Method: all cores (torch and TVM threads = ``os.cpu_count()``), one warm-up call per
+variant, then ``--repeats`` (>= 10) rounds in which every variant runs once
+(interleaved, so load changes on a shared machine hit all variants alike); median and
+min over rounds. ``tvm-naive`` is unscheduled and very slow: it runs on
+``--naive-tokens`` tokens (default 256) for 3 rounds, and its times are scaled
+linearly to ``--tokens`` (the row says so in ``note``).
+
+Gather bound: the gather must read ``tokens * tables * d_out * 4`` bytes of table rows.
+The script measures the machine's read bandwidth for a cache-resident buffer (``sum``
+of an L3-sized and an L2-sized buffer on all threads) and reports
+``gather_bound_ms = bytes / L3 bandwidth`` (the table-blocked gather keeps a group of
+tables and the outputs in L2/L3, not L1) and ``gather_vs_bound = gather_ms / bound``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import lookupc  # noqa: E402
+from lookupc import reference as ref  # noqa: E402
+
+CONFIGS = {
+    # name: (d_model, d_hidden, LookupConfig)
+    "paper": (512, 2048, lookupc.LookupConfig(tables=128, bits=8, block_size=64)),
+    "minilm": (384, 1536, lookupc.LookupConfig(tables=96, bits=8, block_size=64)),
+    "bert-base": (768, 3072, lookupc.LookupConfig(tables=192, bits=8, block_size=64)),
+}
+SCHEDULES = ("naive", "cpu", "tuned")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def read_bandwidth(nbytes: int, seconds: float = 0.5) -> float:
+    """GB/s of ``torch.sum`` over a float32 buffer of ``nbytes`` (all threads), best call.
+
+    The best of many calls: on a shared machine most calls lose a core to other jobs.
+    """
+    buf = torch.randn(nbytes // 4)
+    buf.sum()
+    best, calls, start = float("inf"), 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or calls < 50:
+        t = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t)
+        calls += 1
+    return nbytes / best / 1e9
+
+
+def dense_ffn(d: int, hidden: int) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.GELU(),
+                               torch.nn.Linear(hidden, d)).eval()
+
+
+def lookup_variants(ffn, x, schedules, tuning_db, naive_tokens):
+    """name -> (full fn, hash fn, gather fn, tokens it runs on)."""
+    from lookupc import kernels as K
+
+    p = {k: v.detach() for k, v in ffn.named_parameters()}
+    decay, bits = float(ffn.config.decay), ffn.config.bits
+    z = ref.hash_forward(x, p["bh4_weight"], p["hash_bias"], decay)
+    codes, scores = ref.codes_scores(z, bits)
+
+    def ref_hash():
+        return ref.codes_scores(ref.hash_forward(x, p["bh4_weight"], p["hash_bias"], decay), bits)
+
+    def ref_gather():
+        return ref.gather_forward(codes, scores, p["tables"], p["bias"])
+
+    out = {"lookup-reference": (lambda: ref.gather_forward(*ref_hash(), p["tables"], p["bias"]),
+                                ref_hash, ref_gather, x.shape[0])}
+    shapes = K.KernelShapes.of(ffn)
+    for name in schedules:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            k = K.build(shapes, schedule=name, tuning_db=tuning_db)
+        for w in caught:
+            print(f"  note: {w.message}", file=sys.stderr)
+        xs = x[:naive_tokens] if name == "naive" else x
+        cs, ss = codes[:xs.shape[0]], scores[:xs.shape[0]]
+        k.prepare_weight(ffn.bh4_weight)  # fold once, outside the timings (cached)
+
+        def full(k=k, xs=xs):
+            c, s = k.hash(xs, ffn.bh4_weight, p["hash_bias"], decay)
+            return k.gather(c, s, p["tables"], p["bias"])
+
+        out[f"tvm-{name}"] = (full,
+                              lambda k=k, xs=xs: k.hash(xs, ffn.bh4_weight, p["hash_bias"], decay),
+                              lambda k=k, cs=cs, ss=ss: k.gather(cs, ss, p["tables"], p["bias"]),
+                              xs.shape[0])
+    return out
+
+
+def run_config(name: str, tokens: int, repeats: int, schedules, tuning_db, naive_tokens,
+               compile_dense: bool, bw_l3: float):
+    d, hidden, cfg = CONFIGS[name]
+    torch.manual_seed(0)
+    x = torch.randn(tokens, d)
+    dense = dense_ffn(d, hidden)
+    ffn = lookupc.LookupFFN(d, d, cfg).eval()
+    variants = {}  # name -> dict(fn, hash, gather, tokens)
+    variants["dense"] = dict(fn=lambda: dense(x), tokens=tokens)
+    if compile_dense:
+        try:
+            compiled = torch.compile(dense)
+            with torch.no_grad():
+                compiled(x)
+            variants["dense-compiled"] = dict(fn=lambda: compiled(x), tokens=tokens)
+        except Exception as e:  # noqa: BLE001 - report, keep benchmarking
+            print(f"  torch.compile failed: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+    for vname, (full, h, g, n) in lookup_variants(ffn, x, schedules, tuning_db,
+                                                  naive_tokens).items():
+        variants[vname] = dict(fn=full, hash=h, gather=g, tokens=n)
+
+    times = {v: {"full": [], "hash": [], "gather": []} for v in variants}
+    with torch.no_grad():
+        for v in variants.values():  # warm-up
+            v["fn"]()
+        for rnd in range(repeats):
+            for vname, v in variants.items():
+                if vname == "tvm-naive" and rnd >= 3:
+                    continue
+                times[vname]["full"].append(timed(v["fn"]))
+                if "hash" in v:
+                    times[vname]["hash"].append(timed(v["hash"]))
+                    times[vname]["gather"].append(timed(v["gather"]))
+
+    gather_bytes = tokens * cfg.tables * d * 4
+    bound_ms = gather_bytes / (bw_l3 * 1e9) * 1e3
+    rows = []
+    dense_med = statistics.median(times["dense"]["full"])
+    for vname, v in variants.items():
+        scale = tokens / v["tokens"]
+        t = {k: [s * scale for s in vals] for k, vals in times[vname].items()}
+        row = {"variant": vname, "config": name, "tokens": tokens,
+               "ms_median": statistics.median(t["full"]), "ms_min": min(t["full"]),
+               "runs": len(t["full"])}
+        row["speedup_vs_dense"] = dense_med / row["ms_median"]
+        if t["hash"]:
+            row["hash_ms"] = statistics.median(t["hash"])
+            row["gather_ms"] = statistics.median(t["gather"])
+            row["gather_bound_ms"] = bound_ms
+            row["gather_vs_bound"] = row["gather_ms"] / bound_ms
+        if scale != 1:
+            row["note"] = (f"measured on {v['tokens']} tokens, {len(t['full'])} runs; "
+                           f"times scaled x{scale:g} to {tokens} tokens")
+        rows.append(row)
+    return rows
+
+
+def print_table(rows) -> None:
+    head = (f"{'config':10s} {'variant':17s} {'tokens':>6s} {'median ms':>10s} {'min ms':>8s} "
+            f"{'x dense':>8s} {'hash ms':>8s} {'gather ms':>9s} {'g/bound':>7s}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        def f(key, fmt):
+            return format(r[key], fmt) if key in r else "-"
+        print(f"{r['config']:10s} {r['variant']:17s} {r['tokens']:6d} {r['ms_median']:10.2f} "
+              f"{r['ms_min']:8.2f} {r['speedup_vs_dense']:8.2f} {f('hash_ms', '8.2f'):>8s} "
+              f"{f('gather_ms', '9.2f'):>9s} {f('gather_vs_bound', '7.2f'):>7s}"
+              + ("  *" if "note" in r else ""))
+    if any("note" in r for r in rows):
+        print("* tvm-naive measured on fewer tokens/runs and scaled linearly (see JSON note)")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", action="append", choices=sorted(CONFIGS),
+                    help="repeatable; default: paper")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=10, help="timed rounds (>= 10)")
+    ap.add_argument("--schedules", default=",".join(SCHEDULES))
+    ap.add_argument("--naive-tokens", type=int, default=256)
+    ap.add_argument("--tuning-db", default=None, help="MetaSchedule work dir for 'tuned'")
+    ap.add_argument("--tune-trials", type=int, default=0,
+                    help="tune (resumably) this many trials per kernel before timing")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile'd dense")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch and TVM threads (default: all cores)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if args.repeats < 10:
+        ap.error("--repeats must be >= 10")
+    threads = args.threads
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
+    torch.set_num_threads(threads)
+    from lookupc import kernels as K
+    from lookupc import tvm_shim
+    from lookupc.schedules.tuned import default_db_dir
+
+    configs = args.config or ["paper"]
+    schedules = [s for s in args.schedules.split(",") if s]
+    tuning_db = args.tuning_db or default_db_dir()
+    if args.tune_trials and "tuned" in schedules:
+        shapes = [K.KernelShapes.for_config(CONFIGS[c][0], CONFIGS[c][0], CONFIGS[c][2])
+                  for c in configs]
+        K.tune(shapes, None, tuning_db, args.tune_trials)
+    bw_l3 = read_bandwidth(8 << 20)
+    bw_l2 = read_bandwidth(256 << 10)
+    print(f"CPU: {cpu_name()} (llvm mcpu {tvm_shim.llvm_get_system_cpu()}), threads: torch "
+          f"{torch.get_num_threads()}, TVM {os.environ['TVM_NUM_THREADS']}; read bandwidth "
+          f"L3-sized {bw_l3:.0f} GB/s, L2-sized {bw_l2:.0f} GB/s")
+    rows = []
+    for c in configs:
+        rows += run_config(c, args.tokens, args.repeats, schedules, tuning_db,
+                           min(args.naive_tokens, args.tokens), not args.no_compile, bw_l3)
+    print_table(rows)
+    if args.json:
+        result = {"machine": {"cpu": cpu_name(), "llvm_mcpu": tvm_shim.llvm_get_system_cpu(),
+                              "logical_cpus": threads, "torch_threads": torch.get_num_threads(),
+                              "tvm_threads": int(os.environ["TVM_NUM_THREADS"]),
+                              "torch": torch.__version__, "tvm": tvm_shim.tvm_version(),
+                              "load_avg_1m": os.getloadavg()[0]},
+                  "bandwidth_gbs": {"l3_sized_8MiB": bw_l3, "l2_sized_256KiB": bw_l2},
+                  "tuning_db": tuning_db, "rows": rows}
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

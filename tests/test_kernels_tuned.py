@@ -1,0 +1,75 @@
+"""The ``tuned`` schedule: MetaSchedule database written, reloaded and used without re-tuning.
+
+Tolerances as in test_kernels.py (codes exact away from |z| < 1e-4, rtol 1e-4).
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from lookupc import kernels as K
+from lookupc import tvm_shim
+
+from test_kernels import check_hash, make_ffn, ref
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOOKUPC_CACHE_DIR", str(tmp_path / "kernel_cache"))
+    K.clear_memory_cache()
+    yield
+    K.clear_memory_cache()
+
+
+def _check_pair(m, kernels):
+    x = torch.randn(19, m.d_in)
+    codes, scores = kernels.hash(x, m.bh4_weight, m.hash_bias, 0.7)
+    check_hash(m, x, codes, scores)
+    tables, bias = m.tables.detach(), m.bias.detach()
+    torch.testing.assert_close(kernels.gather(codes, scores, tables, bias),
+                               ref.gather_forward(codes, scores, tables, bias),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_tuned_without_records_falls_back_to_hand_knobs(tmp_path):
+    m = make_ffn("A")
+    with pytest.warns(UserWarning, match="no tuning record for the hash kernel"):
+        kernels = K.build(K.KernelShapes.of(m), schedule="tuned",
+                          tuning_db=str(tmp_path / "empty_db"))
+    _check_pair(m, kernels)
+
+
+@pytest.mark.slow
+def test_tuning_database_written_reloaded_and_used_without_retuning(tmp_path, monkeypatch):
+    from tvm.s_tir import meta_schedule as ms
+
+    from lookupc.schedules import tuned
+
+    m = make_ffn("A")
+    shapes = K.KernelShapes.of(m)
+    db = str(tmp_path / "db")
+    target = tvm_shim.make_target()
+    lines = []
+    K.tune([shapes], target, db, trials=2, cost_model="random", log=lines.append)
+    assert any("tuning" in line for line in lines)
+    records = os.path.join(db, "database_tuning_record.json")
+    with open(records) as f:
+        count = sum(1 for line in f if line.strip())
+    assert count >= 3  # >= 2 hash records + >= 1 gather record (its space may be tiny)
+    json.loads(open(records).readline())
+
+    # From here on MetaSchedule must not search again.
+    def no_tuning(*args, **kwargs):
+        raise AssertionError("tune_tir called although the database has the records")
+
+    monkeypatch.setattr(ms, "tune_tir", no_tuning)
+    lines.clear()
+    K.tune([shapes], target, db, trials=2, cost_model="random", log=lines.append)
+    assert all("skipped" in line for line in lines), lines
+    knobs = tuned.best_knobs("hash", shapes, target, db)
+    assert knobs is not None and len(knobs) == 3
+    assert tuned.best_knobs("gather", shapes, target, db) is not None
+    kernels = K.build(shapes, target, schedule="tuned", tuning_db=db)
+    _check_pair(m, kernels)
