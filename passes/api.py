@@ -97,7 +97,7 @@ def _config_for(config: ConfigSpec, match: FFNMatch) -> LookupConfig | None:
     if isinstance(config, LookupConfig):
         cfg = config
     elif isinstance(config, Mapping):
-        cfg = config.get(match.name, default) if match.name in config else default
+        cfg = config.get(match.name, default)
     else:
         cfg = config(match)
     if cfg is not None and not isinstance(cfg, LookupConfig):
@@ -173,15 +173,13 @@ def _run_rewrites(model: nn.Module, matches: list[FFNMatch], lookups: dict[str, 
     return result.module, swap.replacements + functional.replacements, functional.skipped
 
 
-def _distill(result: ConversionResult, model: nn.Module, calibration: Any,
-             options: dict | None) -> None:
+def _distill_fn() -> Callable:
+    """``lookupc.distill.distill_conversion``, or a clear error if it is not available."""
     try:
-        distill = importlib.import_module("lookupc.distill")
-        fn = distill.distill_conversion
+        return importlib.import_module("lookupc.distill").distill_conversion
     except (ImportError, AttributeError) as exc:
         raise LookupcError("init='distill' needs lookupc.distill.distill_conversion, which is "
                            f"not available: {exc}") from exc
-    fn(result, model, calibration, **(options or {}))
 
 
 def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
@@ -227,6 +225,7 @@ def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
     if init == "distill" and calibration is None:
         raise LookupcInputError("init='distill' needs calibration data (calibration=None)")
     _check_config(config)
+    distill = _distill_fn() if init == "distill" else None  # fail before the work
     analysis = analyze(model, example_inputs)
     skipped = list(analysis.skipped)
     if isinstance(config, Mapping):
@@ -247,12 +246,13 @@ def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
     skipped += rewrite_skipped
     verify_rewrite(model, module, replacements, example_inputs)
     by_name = {m.name: m for m in matches}
-    replacements.sort(key=lambda r: [m.name for m in matches].index(r.name))
+    order = {m.name: i for i, m in enumerate(matches)}
+    replacements.sort(key=lambda r: order[r.name])
     report = ConversionReport(
         [_matched(by_name[r.name], r.lookup) for r in replacements], skipped)
     result = ConversionResult(module, report, replacements)
-    if init == "distill":
-        _distill(result, model, calibration, distill_options)
+    if distill is not None:
+        distill(result, model, calibration, **(distill_options or {}))
     return result
 
 
