@@ -220,7 +220,8 @@ class TirTrainingKernels:
         n, d_in = x.shape
         code = hash_bias.shape[0]
         tables = code // bits
-        tile = max(16, cb.round_tile(width))
+        splits = cb.weight_grad_splits(rounds * reps, nb)
+        tile = max(16 * splits, cb.round_tile(width))
         n_pad = _ceil_to(max(n, 1), tile)
         m = n_pad // tile
         xp = _pad_rows(F.pad(x, (0, width - d_in)), n_pad).contiguous()
@@ -264,11 +265,14 @@ class TirTrainingKernels:
         round_fn(True, False)(tiles(g_out[0], rt), w_t[0], tiles(g_in, rt))
         # Phase 4: weight gradient of every round at once.
         q = rounds * reps
-        g_w = weight.new_empty((rounds, reps, nb, bs, bs))
-        self.kernel(("weight_grad", q, nb, bs, 16), lambda: tb.weight_grad(q, nb, bs, tile=16),
+        parts = weight.new_empty((splits, rounds, reps, nb, bs, bs))
+        split_view = (q, splits, n_pad // (16 * splits), 16, width)
+        self.kernel(("weight_grad", q, nb, bs, 16, splits),
+                    lambda: tb.weight_grad(q, nb, bs, tile=16, splits=splits),
                     cb.schedule_weight_grad)(
-            g_out.view(q, n_pad // 16, 16, width), ys[:rounds].view(q, n_pad // 16, 16, width),
-            g_w.view(q, nb, bs, bs))
+            g_out.view(split_view), ys[:rounds].view(split_view),
+            parts.view(splits, q, nb, bs, bs))
+        g_w = parts.sum(0)
         # Phase 5: the input gradient: the mixed-in x plus every repeat's chain.
         g_x = (1.0 - decay) * dz.view(n_pad, reps, width).sum(1) + g_in.sum(0)
         return (g_x[:n, :d_in].contiguous(), g_w.transpose(0, 1).contiguous(), g_b)
@@ -308,7 +312,8 @@ def kernel_catalogue(shapes, decay: float = 0.7, tokens: int | None = None) -> d
         "score_grad": (lambda: tb.score_grad(reps, width, h, bits, decay),
                        cb.schedule_score_grad),
         "column_sum": (lambda: tb.column_sum(reps * width, h * bits), cb.schedule_column_sum),
-        "weight_grad": (lambda: tb.weight_grad(4 * reps, nb, bs, tile=16),
+        "weight_grad": (lambda: tb.weight_grad(4 * reps, nb, bs, tile=16,
+                                               splits=cb.weight_grad_splits(4 * reps, nb)),
                         cb.schedule_weight_grad),
     }
 
@@ -374,7 +379,11 @@ def _choose_cuda_compiler() -> None:
     """Use nvcc when NVRTC's Python bindings are missing but nvcc is installed."""
     if "TVM_CUDA_COMPILE_MODE" in os.environ:
         return
-    if importlib.util.find_spec("cuda") is None and shutil.which("nvcc"):
+    try:
+        has_nvrtc = importlib.util.find_spec("cuda.bindings") is not None
+    except (ImportError, ValueError):  # no top-level "cuda" package at all
+        has_nvrtc = False
+    if not has_nvrtc and shutil.which("nvcc"):
         os.environ["TVM_CUDA_COMPILE_MODE"] = "nvcc"
 
 

@@ -30,7 +30,7 @@ Hash backward (the BH4 chain, see :func:`lookupc.reference.hash_backward`)
       gradient; the result is zero-padded to ``R * D`` columns.
     * :func:`fwht_scaled`: ``fwht(scale * g)`` per repeat (the first backward step).
     * :func:`weight_grad`: ``g_W[q, b, o, i] = sum_n g[q, n, b*BS+o] y[q, n, b*BS+i]``,
-      batched over all rounds and repeats ``q``.
+      batched over all rounds and repeats ``q``, in ``splits`` partial sums over tokens.
     * :func:`column_sum`: ``out[c] = sum_n a[n, c]`` for the first C columns (hash bias).
 """
 
@@ -307,26 +307,31 @@ def score_grad(repeats: int, width: int, tables: int, bits: int, decay: float) -
     return _finish([y, xp, hb, gs, dz], "score_grad")
 
 
-def weight_grad(rounds: int, blocks: int, block_size: int, tile: int = 1) -> tirx.PrimFunc:
+def weight_grad(rounds: int, blocks: int, block_size: int, tile: int = 1,
+                splits: int = 1) -> tirx.PrimFunc:
     """``g_w[q, b, o, i] = sum_n g[q, n, b*BS+o] * y[q, n, b*BS+i]`` for q in 0..rounds-1.
 
-    Parameters: ``g`` (gradients of the block-matmul outputs) and ``y`` (the round inputs),
-    each [Q, m, tile, D] (tokens in tiles, see :func:`block_round`); output [Q, D/BS, BS, BS].
+    The token sum is split into ``splits`` partial sums (more independent work for a
+    GPU; the caller adds them). Parameters: ``g`` (gradients of the block-matmul
+    outputs) and ``y`` (the round inputs), each [Q, S, m, tile, D] (a free view of
+    [Q, S*m*tile, D], tokens in tiles as in :func:`block_round`); output [S, Q, D/BS, BS, BS].
     """
     _check_pos("rounds", rounds)
     _check_pos("blocks", blocks)
     _check_pow2("block_size", block_size)
     _check_pos("tile", tile)
+    _check_pos("splits", splits)
     bs, width = block_size, blocks * block_size
     m = te.var("m", "int32")
-    g = te.placeholder((rounds, m, tile, width), _F32, name="g")
-    y = te.placeholder((rounds, m, tile, width), _F32, name="y")
+    g = te.placeholder((rounds, splits, m, tile, width), _F32, name="g")
+    y = te.placeholder((rounds, splits, m, tile, width), _F32, name="y")
     t = te.reduce_axis((0, m), name="t")
     p = te.reduce_axis((0, tile), name="p")
-    gw = te.compute((rounds, blocks, bs, bs),
-                    lambda q, b, o, i: te.sum(g[q, t, p, b * bs + o] * y[q, t, p, b * bs + i],
-                                              axis=[t, p]),
-                    name="g_w")
+    gw = te.compute(
+        (splits, rounds, blocks, bs, bs),
+        lambda s, q, b, o, i: te.sum(g[q, s, t, p, b * bs + o] * y[q, s, t, p, b * bs + i],
+                                     axis=[t, p]),
+        name="g_w")
     return _finish([g, y, gw], "weight_grad")
 
 

@@ -21,8 +21,8 @@ Hash backward
       row, so the tile must stay on chip), each stage spread over the block's threads.
     * score gradient: one block per token; z and the per-table sums in shared memory.
     * weight gradient: a batched GEMM over tokens (``g^T y`` per block and round): one
-      block per (round, BH4 block), a 16x16 thread grid, register tiles, and tiles of
-      16 tokens staged in shared memory.
+      block per (token split, round, BH4 block), a 16x16 thread grid, register tiles,
+      and tiles of 16 tokens staged in shared memory; the splits are added afterwards.
     * column sum (hash bias gradient): one thread per column, serial over tokens.
 """
 
@@ -32,7 +32,7 @@ from .cuda_util import DEFAULT_THREADS, GpuSchedule
 
 __all__ = ["SCHEDULES", "schedule_gather_score_grad", "schedule_table_grad_scatter",
            "schedule_table_grad_segment", "schedule_round", "schedule_score_grad",
-           "schedule_weight_grad", "schedule_column_sum", "round_tile"]
+           "schedule_weight_grad", "schedule_column_sum", "round_tile", "weight_grad_splits"]
 
 # Shared memory per block (floats) the round kernels may use for one stage buffer.
 _TILE_FLOATS = 2048
@@ -185,19 +185,26 @@ def schedule_score_grad(func, emulate: bool = False, threads: int = DEFAULT_THRE
     return g.mod
 
 
+def weight_grad_splits(rounds: int, blocks: int, target_blocks: int = 256) -> int:
+    """Token splits for the weight gradient so that about ``target_blocks`` thread blocks
+    run (rounds x BH4 blocks alone is often below the SM count: 64 at the paper config)."""
+    want = max(1, -(-target_blocks // (rounds * blocks)))
+    return min(8, 1 << (want - 1).bit_length())
+
+
 def schedule_weight_grad(func, emulate: bool = False):
-    """Batched g^T y over tokens: block per (round, BH4 block), up to 16x16 threads with
-    register tiles, each token tile of g and y staged in shared memory."""
+    """Batched g^T y over tokens: block per (token split, round, BH4 block), up to 16x16
+    threads with register tiles, each token tile of g and y staged in shared memory."""
     g = GpuSchedule.of(func, emulate)
     sch = g.sch
     blk = sch.get_sblock("g_w")
-    q, b, o, i, t, p = sch.get_loops(blk)
-    bs = int(sch.get(blk).iter_vars[2].dom.extent)
+    s, q, b, o, i, t, p = sch.get_loops(blk)
+    bs = int(sch.get(blk).iter_vars[3].dom.extent)
     lanes = min(bs, 16)
     oo, ot = sch.split(o, [lanes, None])  # thread (ty, tx) owns a (bs/16)^2 register tile
     io, it = sch.split(i, [lanes, None])
-    sch.reorder(q, b, oo, io, t, p, ot, it)
-    bx = sch.fuse(q, b)
+    sch.reorder(s, q, b, oo, io, t, p, ot, it)
+    bx = sch.fuse(s, q, b)  # one block per (token split, round, BH4 block)
     g.bind(bx, "blockIdx.x")
     g.bind(oo, "threadIdx.y")
     g.bind(io, "threadIdx.x")
