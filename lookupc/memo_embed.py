@@ -29,6 +29,7 @@ threshold cares about is represented.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -137,6 +138,7 @@ class TrainReport:
     final_val_loss: float
     n_pairs: int
     steps: int
+    best_step: int = 0
     losses: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -275,7 +277,10 @@ def train_embedder(hidden: np.ndarray, apms: np.ndarray, config: EmbedConfig = E
     -------
     (HiddenStateEmbedder, TrainReport)
         The trained embedder (eval mode) and the loss / time report. 10% of the
-        pairs are held out for the validation loss.
+        pairs are held out; the weights kept are those with the lowest held-out loss
+        (checked every 20 steps, ``report.best_step``; 0 means the scaled initial
+        projection generalised best), because with a few hundred sequences the MLP
+        can memorise the training pairs.
     """
     n, seq_len, hid = hidden.shape
     if apms.shape[0] != n or apms.shape[-1] != seq_len:
@@ -300,16 +305,23 @@ def train_embedder(hidden: np.ndarray, apms: np.ndarray, config: EmbedConfig = E
     opt = torch.optim.Adam(emb.mlp.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     losses = []
-    for _ in range(config.steps):
+    best = (init_val, 0, copy.deepcopy(emb.mlp.state_dict()))
+    for step in range(1, config.steps + 1):
         sel = torch.randint(0, len(tr_p), (min(config.batch_pairs, len(tr_p)),), generator=gen)
         loss = _pair_loss(emb.mlp, z, tr_p[sel], tr_t[sel])
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+        if n_val and (step % 20 == 0 or step == config.steps):
+            val = _full_loss(emb.mlp, z, val_p, val_t)
+            if val < best[0]:
+                best = (val, step, copy.deepcopy(emb.mlp.state_dict()))
+    if n_val:  # early stopping: keep the weights with the lowest held-out loss
+        emb.mlp.load_state_dict(best[2])
     emb.eval()
     report = TrainReport(
         seconds=time.perf_counter() - start, initial_loss=init_loss, final_loss=_full_loss(emb.mlp, z, tr_p, tr_t),
         initial_val_loss=init_val, final_val_loss=_full_loss(emb.mlp, z, val_p, val_t),
-        n_pairs=len(pairs_np), steps=config.steps, losses=losses)
+        n_pairs=len(pairs_np), steps=config.steps, best_step=best[1] if n_val else config.steps, losses=losses)
     return emb, report

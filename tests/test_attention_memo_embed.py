@@ -66,7 +66,7 @@ def test_siamese_training_lowers_loss_and_tracks_apm_distance():
     cfg = EmbedConfig(dim=8, token_dim=4, width=32, steps=150, pairs=600, batch_pairs=128)
     emb, rep = train_embedder(hidden, apms, cfg)
     assert rep.final_loss < 0.3 * rep.initial_loss
-    assert rep.final_val_loss < rep.initial_val_loss
+    assert rep.final_val_loss < 0.8 * rep.initial_val_loss and rep.best_step > 0  # it generalises
     assert rep.seconds > 0 and rep.steps == 150 and len(rep.losses) == 150
     # embedding distance now correlates with APM distance on held-out pairs
     pairs = sample_pairs(hidden, 300, seed=9)
