@@ -278,6 +278,7 @@ class StoreWriter:
         from safetensors.torch import save_file
 
         stem = bucket_stem(layer, seq_len)
+        self._shrink(self.tmp / f"apm_{stem}.bin", count, heads, seq_len)
         faiss.write_index(index, str(self.tmp / f"index_{stem}.faiss"))
         save_file({k: v.contiguous() for k, v in embedder.state_dict().items()},
                   str(self.tmp / f"embed_{stem}.safetensors"))
@@ -285,6 +286,15 @@ class StoreWriter:
         self.buckets.append(dict(layer=layer, seq_len=seq_len, count=count, heads=heads,
                                  apm_file=f"apm_{stem}.bin", index_file=f"index_{stem}.faiss",
                                  embed_file=f"embed_{stem}.safetensors", loo_file=f"loo_{stem}.npy", **info))
+
+    def _shrink(self, path: Path, count: int, heads: int, seq_len: int) -> None:
+        """Cut an APM file to ``count`` records (some calibration sequences were skipped)."""
+        size = count * heads * seq_len * seq_len * np.dtype(_DTYPES[self.apm_dtype]).itemsize
+        if path.stat().st_size > size:
+            for arr in [a for a in self._arrays if Path(a.filename) == path]:
+                arr.flush()
+                self._arrays.remove(arr)
+            os.truncate(path, size)
 
     def finalize(self, fingerprint: ModelFingerprint, embed_config: dict, extra: dict | None = None) -> Path:
         """Flush everything, write the manifest last, then rename the temp dir to ``out_dir``."""

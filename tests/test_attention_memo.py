@@ -239,3 +239,17 @@ def test_performance_model_eq3_selects_layers(built):
     memo = am.apply_memo(built[0], store, threshold=-1e9)  # alpha = 1 everywhere
     expect = sorted(l for (l, _), p in profiles.items() if p.benefit(-1e9) > 0)
     assert sorted(am.memo_stats(memo)) == expect
+
+
+def test_padded_calibration_sequences_are_skipped(tmp_path):
+    model = tiny_bert()
+    ids = token_ids(6, 13)
+    mask = torch.ones_like(ids)
+    mask[2, 12:] = 0
+    store = am.build_memo_db(model, [{"input_ids": ids, "attention_mask": mask}], tmp_path / "db", embed=EMBED)
+    reopened = MemoStore.open(tmp_path / "db")
+    assert all(b.count == 5 for b in reopened.buckets.values()) and store.bucket(0, L).count == 5
+    with torch.no_grad():
+        hidden = model.embeddings(input_ids=ids[[0, 1, 3]])
+        want = am.compute_apm(model.encoder.layer[0].attention.self, hidden)
+    np.testing.assert_allclose(np.asarray(reopened.bucket(0, L).apms[:3]), want.numpy(), rtol=1e-5, atol=1e-6)
