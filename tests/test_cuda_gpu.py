@@ -3,7 +3,7 @@
 Tolerances (float32 on the GPU vs the reference): scores, outputs and gradients within
 1e-4 of the largest magnitude (relative); codes equal wherever no coordinate of z is
 within 1e-4 of zero (a sign there may legitimately flip); against float64 autograd
-2e-3; one optimizer step changes the parameters identically within 1e-5.
+2e-3; one SGD step changes every parameter by the same amount within 1e-4 (relative).
 """
 
 import copy
@@ -108,8 +108,10 @@ def test_one_optimizer_step_equals_the_cpu_step():
     keep = _stable(x, cpu)
     x = x[keep]
     target = torch.randn(x.shape[0], 40)
-    opt_c = torch.optim.Adam(cpu.parameters(), lr=1e-2)
-    opt_g = torch.optim.Adam(gpu.parameters(), lr=1e-2)
+    # SGD with momentum: the update is linear in the gradient (Adam's first step is
+    # g / (|g| + eps), which turns float rounding in near-zero gradients into full steps)
+    opt_c = torch.optim.SGD(cpu.parameters(), lr=0.1, momentum=0.9)
+    opt_g = torch.optim.SGD(gpu.parameters(), lr=0.1, momentum=0.9)
     with lookupc.set_schedule("reference"):
         torch.nn.functional.mse_loss(cpu(x), target).backward()
     torch.nn.functional.mse_loss(gpu(x.cuda()), target.cuda()).backward()
@@ -118,7 +120,8 @@ def test_one_optimizer_step_equals_the_cpu_step():
     opt_g.step()
     for (name, pc), pg, p0 in zip(cpu.named_parameters(), gpu.parameters(), before):
         delta_c, delta_g = pc.detach() - p0, pg.detach().cpu() - p0
-        assert (delta_g - delta_c).abs().max().item() <= 1e-5, name
+        assert delta_c.abs().max() > 0, name
+        _close(delta_g, delta_c, f"step of {name}")
 
 
 def test_kernels_are_built_once_per_shape():
