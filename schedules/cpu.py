@@ -24,13 +24,12 @@ Hash (compute-bound: ~0.5 MFLOP/token of 64x64 block matmuls at the paper config
 
 Gather (memory-bound: h random rows of d_out floats per token)
     Table-outer blocking: tables in groups of ``kb`` are the outer serial loop; inside,
-    tokens run in parallel and each token accumulates its ``kb`` rows into ``y`` in
-    registers ``chunk`` columns at a time. A group of ``kb`` tables (``kb * 2**tau *
+    tokens run in parallel and each token adds its ``kb`` rows into its ``y`` row. A group of ``kb`` tables (``kb * 2**tau *
     d_out * 4`` bytes, 1 MiB per 2 tables at the paper config) stays in L2/L3 while every
     token uses it, instead of each token streaming 128 random 2 KiB rows from DRAM. ``y``
     is re-read ``h / kb`` times from L2/L3 instead. Measured here (shared 2-core box,
-    paper config, N=4096, interleaved runs): kb=4/8 with or without the register chunk
-    are within noise of each other; splitting the columns across threads instead of the
+    paper config, interleaved runs): kb=4 and 8 are within noise of each other (the notes'
+    quiet AVX-512 box: kb=4 13.3 ms, kb=1 16.2, kb=16 14.8 at N=4096); splitting the columns across threads instead of the
     tokens (one parallel region, no per-group barrier) was 1.5-2x slower.
 
 Prefetch: ``s_tir.Schedule`` has no prefetch primitive. ``tirx.prefetch`` exists as a
@@ -70,14 +69,12 @@ class HashKnobs:
 
 @dataclass(frozen=True)
 class GatherKnobs:
-    """Tile sizes of the gather schedule (ints, or MetaSchedule random variables).
+    """Tile size of the gather schedule (an int, or a MetaSchedule random variable).
 
-    kb: tables per cache-resident group (divides h); chunk: columns accumulated in
-    registers (divides d_out, a multiple of the vector width; 0 = accumulate in ``y``).
+    kb: tables per cache-resident group (divides h).
     """
 
-    kb: Any = 8
-    chunk: Any = 64
+    kb: Any = 4
 
 
 TOKEN_TILE = 16  # the hash kernel's token padding (lookupc.tir_kernels.make_hash)
@@ -101,9 +98,7 @@ def valid_hash_knobs(shapes: Any, lanes: int, knobs: HashKnobs) -> HashKnobs:
 
 def valid_gather_knobs(shapes: Any, lanes: int, knobs: GatherKnobs) -> GatherKnobs:
     """``knobs`` clipped to values that tile ``shapes`` exactly (no tail predicates)."""
-    vec = pow2_divisor(shapes.d_out, lanes)
-    chunk = 0 if knobs.chunk == 0 else max(vec, pow2_divisor(shapes.d_out, knobs.chunk))
-    return GatherKnobs(kb=pow2_divisor(shapes.tables, knobs.kb), chunk=chunk)
+    return GatherKnobs(kb=pow2_divisor(shapes.tables, knobs.kb))
 
 
 def _vectorize_last(sch: Any, block: Any, extent: int, lanes: int) -> None:
@@ -187,28 +182,16 @@ def schedule_gather(sch: Any, shapes: Any, lanes: int, knobs: GatherKnobs) -> No
 
     ``knobs`` must already be valid for ``shapes`` (:func:`valid_gather_knobs`).
     """
-    d_out = shapes.d_out
-    vec = pow2_divisor(d_out, lanes)
     block = sch.get_sblock("gather")
     i, c, k = sch.get_loops(block)
     # Phase 1: groups of kb tables outermost (cache-resident group), tokens inside.
     k_o, k_i = sch.split(k, [None, knobs.kb])
-    if isinstance(knobs.chunk, int) and knobs.chunk == 0:
-        # Phase 2a: the y row accumulates in memory (L1), columns vectorised.
-        sch.reorder(k_o, i, k_i, c)
-        _vectorize_last(sch, block, d_out, lanes)
-    else:
-        # Phase 2b: `chunk` columns of y accumulate over the kb rows in registers.
-        c_o, c_i = sch.split(c, [None, knobs.chunk])
-        sch.reorder(k_o, i, c_o, k_i, c_i)
-        acc = sch.cache_write(block, 0, "local")
-        sch.reverse_compute_at(acc, c_o)
-        if vec > 1:
-            unroll_v, lane = sch.split(c_i, [None, vec])
-            sch.vectorize(lane)
-            sch.unroll(unroll_v)
-        sch.unroll(k_i)
-        _vectorize_last(sch, acc, d_out, vec)
+    # Phase 2: per token, the kb rows of the group are added into the y row (L1 resident),
+    # columns vectorised. (Accumulating in registers instead needs the partial sum over a
+    # group as its own block: cache_write here would make a y-sized "local" buffer,
+    # because the reduction runs across the outer k_o loop.)
+    sch.reorder(k_o, i, k_i, c)
+    _vectorize_last(sch, block, shapes.d_out, lanes)
     # Phase 3: tokens in parallel inside each table group; the bias init nest (decomposed
     # before k_o) inherits the parallel token loop.
     sch.parallel(i)

@@ -69,10 +69,7 @@ def _hash_candidates(shapes: Any, lanes: int) -> dict[str, list[int]]:
 
 
 def _gather_candidates(shapes: Any, lanes: int) -> dict[str, list[int]]:
-    vec = pow2_divisor(shapes.d_out, lanes)
-    kbs = sorted({pow2_divisor(shapes.tables, kb) for kb in (1, 2, 4, 8, 16)})
-    chunks = sorted({pow2_divisor(shapes.d_out, vec * m) for m in (2, 4, 8)} - {1}) or [1]
-    return {"kb": kbs, "chunk": chunks}
+    return {"kb": sorted({pow2_divisor(shapes.tables, kb) for kb in (1, 2, 4, 8, 16, 32)})}
 
 
 def _sample(sch: Any, values: list[int]) -> Any:
@@ -95,9 +92,7 @@ def _gather_space(shapes: Any, lanes: int):
     cand = _gather_candidates(shapes, lanes)
 
     def space(sch: Any) -> None:
-        kb = _sample(sch, cand["kb"])
-        chunk = _sample(sch, cand["chunk"])
-        schedule_gather(sch, shapes, lanes, GatherKnobs(kb=kb, chunk=chunk))
+        schedule_gather(sch, shapes, lanes, GatherKnobs(kb=_sample(sch, cand["kb"])))
 
     return space
 
@@ -309,7 +304,7 @@ class TunedSchedule:
         lanes = tvm_shim.vector_lanes(target)
         knobs = self._knobs("gather", shapes, target)
         chosen = (valid_gather_knobs(shapes, lanes, GatherKnobs()) if knobs is None
-                  else GatherKnobs(kb=knobs[0], chunk=knobs[1]))
+                  else GatherKnobs(kb=knobs[0]))
         sch = tvm_shim.Schedule(func)
         schedule_gather(sch, shapes, lanes, chosen)
         return sch.mod["main"]
