@@ -354,9 +354,9 @@ class _Kernel:
 
     def __call__(self, *args):
         if self.on_cuda:
-            import tvm_ffi
+            from . import tvm_shim
 
-            with tvm_ffi.use_torch_stream():
+            with tvm_shim.torch_stream():
                 return self.fn(*args)
         return self.fn(*args)
 

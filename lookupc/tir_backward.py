@@ -36,9 +36,11 @@ Hash backward (the BH4 chain, see :func:`lookupc.reference.hash_backward`)
 
 from __future__ import annotations
 
-import tvm
-from tvm import te, tirx
-from tvm.script import tirx as T
+from . import tvm_shim
+
+tvm = tvm_shim.tvm
+from tvm import te, tirx  # noqa: E402
+from tvm.script import tirx as T  # noqa: E402
 
 __all__ = [
     "gather_score_grad", "table_grad_scatter", "table_grad_segment",
@@ -46,6 +48,7 @@ __all__ = [
 ]
 
 _F32 = "float32"
+_ATOMIC_ADD = tvm_shim.CUDA_ATOMIC_ADD
 
 
 def _check_pow2(name: str, value: int) -> None:
@@ -78,8 +81,8 @@ def gather_score_grad(tables: int, rows: int, d_out: int) -> tirx.PrimFunc:
     _check_pow2("rows", rows)
 
     @T.prim_func(s_tir=True)
-    def g_scores_fn(var_gy: T.handle, var_codes: T.handle, table: T.Buffer((tables * rows, d_out), _F32),
-                    var_gs: T.handle):
+    def g_scores_fn(var_gy: T.handle, var_codes: T.handle,
+                    table: T.Buffer((tables * rows, d_out), _F32), var_gs: T.handle):
         T.func_attr({"global_symbol": "gather_score_grad", "tirx.noalias": True})
         n = T.int32()
         grad_y = T.match_buffer(var_gy, (n, d_out), _F32)
@@ -92,7 +95,8 @@ def gather_score_grad(tables: int, rows: int, d_out: int) -> tirx.PrimFunc:
                 T.writes(g_scores[vt, vk])
                 with T.init():
                     g_scores[vt, vk] = T.float32(0)
-                g_scores[vt, vk] = g_scores[vt, vk] + table[vk * rows + codes[vt, vk], vd] * grad_y[vt, vd]
+                g_scores[vt, vk] = g_scores[vt, vk] + (
+                    table[vk * rows + codes[vt, vk], vd] * grad_y[vt, vd])
 
     return g_scores_fn
 
@@ -129,7 +133,7 @@ def table_grad_scatter(tables: int, rows: int, d_out: int, atomic: bool) -> tirx
                     T.reads(codes[vt, vk], scores[vt, vk], grad_y[vt, vd])
                     T.writes(g_table[vk * rows + codes[vt, vk], vd])
                     T.evaluate(T.call_intrin(
-                        _F32, "tirx.cuda.atomic_add",
+                        _F32, _ATOMIC_ADD,
                         T.address_of(g_table[vk * rows + codes[vt, vk], vd]),
                         scores[vt, vk] * grad_y[vt, vd]))
         return scatter_fn

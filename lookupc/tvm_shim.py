@@ -183,3 +183,47 @@ def to_tvm(t: Any) -> Any:
 def script_of(func: Any) -> str:
     """TVMScript text of a PrimFunc or IRModule (used in cache keys)."""
     return func.script()
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA (added for lookupc.cuda_kernels / schedules/cuda_*.py; TVM 0.27 specifics)
+# ---------------------------------------------------------------------------------------
+
+#: Name of the TIR intrinsic that CUDA codegen emits as ``atomicAdd`` (0.27: "tirx.cuda.*";
+#: the generic "tirx.atomic_add" has no CUDA lowering). llvm cannot lower it.
+CUDA_ATOMIC_ADD = "tirx.cuda.atomic_add"
+
+
+def cuda_target(arch: str = "sm_90") -> "tvm.target.Target":
+    """CUDA target for ``arch`` (``"sm_80"``, ``"sm_90"``...) with an llvm host.
+
+    Builds without a GPU: the device module then holds CUDA source (a fallback module).
+    """
+    if not (isinstance(arch, str) and arch.startswith("sm_") and arch[3:].isdigit()):
+        raise ValueError(f"arch must look like 'sm_90', got {arch!r}")
+    return tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
+
+
+def region_buffer(region: Any) -> Any:
+    """The buffer of a block's read/write region (``.buffer``; ``.source`` in TVM 0.27)."""
+    return getattr(region, "buffer", None) or region.source
+
+
+def specialize_leading_dim(func: Any, size: int, param: int = 0) -> Any:
+    """``func`` with dim 0 of buffer parameter ``param`` (a symbolic var) fixed to ``size``.
+
+    In TVM 0.27 PrimFunc parameters are buffers; specialising one to a static-shape
+    buffer substitutes its shape variables everywhere.
+    """
+    buf = func.params[param]
+    if not isinstance(buf.shape[0], tvm.tirx.Var):
+        return func
+    static = tvm.tirx.decl_buffer((int(size), *buf.shape[1:]), buf.dtype, name=buf.name)
+    return func.specialize({buf: static})
+
+
+def torch_stream() -> Any:
+    """Context manager: TVM CUDA launches inside it go to torch's current stream."""
+    import tvm_ffi
+
+    return tvm_ffi.use_torch_stream()

@@ -51,7 +51,8 @@ def schedule_hash(func, tokens: int, emulate: bool = False, threads: int = DEFAU
     # Phase 1: the zero padding is inlined into its two readers (first matmul and mix).
     sch.compute_inline(sch.get_sblock("pad"))
     chain = chain[1:]
-    # Phase 2: anchor = mix (the soft code); token tiles -> blockIdx.x. The code/score side follows per tile, the chain precedes it.
+    # Phase 2: anchor = mix (the soft code); token tiles -> blockIdx.x. The code/score
+    # side follows per tile, the chain precedes it.
     i = sch.get_loops(sch.get_sblock("mix"))[0]
     io, _ = sch.split(i, [None, tile])
     g.bind(io, "blockIdx.x")

@@ -11,37 +11,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import tvm
-from tvm import s_tir
+from .. import tvm_shim
+
+s_tir = tvm_shim.tvm.s_tir
 
 __all__ = ["GpuSchedule", "cuda_target", "DEFAULT_THREADS", "specialize_tokens"]
 
 DEFAULT_THREADS = 128
 
 
-def cuda_target(arch: str = "sm_90") -> "tvm.target.Target":
-    """CUDA target for ``arch`` (``"sm_80"``, ``"sm_90"``...) with an llvm host."""
-    if not (isinstance(arch, str) and arch.startswith("sm_") and arch[3:].isdigit()):
-        raise ValueError(f"arch must look like 'sm_90', got {arch!r}")
-    return tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
-
-
-def _region_buffer(region):
-    """The buffer of a read/write region (``BufferRegion.buffer``; ``.source`` in TVM 0.27)."""
-    return getattr(region, "buffer", None) or region.source
+cuda_target = tvm_shim.cuda_target
 
 
 def specialize_tokens(func, tokens: int, param: int = 0):
-    """Fix the symbolic token count (dim 0 of parameter ``param``) of ``func`` to ``tokens``.
-
-    In TVM 0.27 PrimFunc parameters are buffers; specialising one to a static-shape
-    buffer substitutes its shape variables everywhere.
-    """
-    buf = func.params[param]
-    if not isinstance(buf.shape[0], tvm.tirx.Var):
-        return func  # already static
-    static = tvm.tirx.decl_buffer((int(tokens), *buf.shape[1:]), buf.dtype, name=buf.name)
-    return func.specialize({buf: static})
+    """Fix the symbolic token count (dim 0 of parameter ``param``) of ``func`` to ``tokens``."""
+    return tvm_shim.specialize_leading_dim(func, tokens, param)
 
 
 @dataclass
@@ -71,7 +55,7 @@ class GpuSchedule:
 
     def read_index(self, block, buffer_name: str) -> int:
         """Index of the read region of ``buffer_name`` in ``block`` (for cache_read)."""
-        names = [_region_buffer(r).name for r in self.sch.get(block).reads]
+        names = [tvm_shim.region_buffer(r).name for r in self.sch.get(block).reads]
         if buffer_name not in names:
             raise ValueError(f"block reads {names}, not {buffer_name!r}")
         return names.index(buffer_name)
