@@ -1,0 +1,572 @@
+"""Distillation: fit a LookupFFN to the dense FFN it replaces, layer by layer.
+
+For one layer, with inputs ``x`` [N, d_in] and the dense FFN's outputs ``y`` [N, d_out],
+:func:`fit_lookup_ffn` runs three phases:
+
+1. **Hash** (:func:`fit_hash`): choose the BH4 weights and hash bias so that the soft
+   codes ``z`` follow a linear projection of the dense first layer's pre-activations
+   ``u = W1 x + b1`` (its top principal directions, scaled to unit variance; or the
+   input's own principal directions when the dense FFN has no visible first Linear).
+   A few hundred Adam steps on ``||z - target||^2``: the codes then split the input
+   space where the dense FFN's hidden units change.
+2. **Tables** (:func:`solve_tables`): with the codes fixed the output
+   ``y ~ sum_k s_k T[k, c_k] + b`` is linear in the tables, a sparse design with h
+   non-zeros per token. Solved as ridge regression by Jacobi-preconditioned conjugate
+   gradients on the normal equations (sparse matrix products, nothing dense of size
+   rows x rows).
+3. **Fine-tune** (:func:`finetune`): Adam on the MSE of all parameters, minibatches.
+
+:func:`distill_conversion` is what ``lookupc.convert(..., init="distill")`` calls: it
+captures every replacement's input activations on the calibration set (streaming,
+capped at ``max_tokens``), fits it, and writes the held-out relative error
+``||y_lookup - y_dense|| / ||y_dense||`` into ``result.report.matched[i].rel_error``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import reference as ref
+from .calibration import ActivationCapture, StopForward, calibration_items, run_item
+from .errors import LookupcInputError
+from .module import LookupFFN
+
+__all__ = ["DistillOptions", "fit_lookup_ffn", "fit_hash", "solve_tables", "finetune",
+           "relative_error", "hash_target", "distill_conversion", "first_linear"]
+
+
+@dataclass(frozen=True)
+class DistillOptions:
+    """Options of the distillation (``lookupc.convert(..., distill_options={...})``).
+
+    Parameters
+    ----------
+    max_tokens : int
+        Cap on the calibration tokens captured per layer (memory is about
+        ``max_tokens * (d_in + d_out) * 4`` bytes per layer at a time).
+    holdout : float
+        Fraction of the captured tokens kept out of the fit; the reported
+        ``rel_error`` is measured on them.
+    feed : str
+        ``"converted"``: each layer sees the activations of the model in which the
+        earlier layers are already distilled LookupFFNs (errors do not compound);
+        ``"original"``: the dense model's activations (one pass for all layers).
+    hash_steps, hash_lr : int, float
+        Adam steps and learning rate fitting the hash to the dense projection (0 skips).
+    hash_source : str
+        ``"preact"`` (dense pre-activations, falls back to ``"input"`` when the dense
+        module has no Linear) or ``"input"`` (principal directions of x).
+    hash_scale : float
+        Standard deviation of each coordinate of the hash target.
+    ridge : float
+        Ridge strength of the table solve, relative to the mean diagonal of A^T A.
+    cg_iters : int
+        Conjugate-gradient iterations of the table solve (0 skips the solve).
+    finetune_steps, finetune_lr, batch_tokens : int, float, int
+        Adam fine-tuning of all parameters on the MSE (0 steps skips it).
+    seed : int
+        Seed of the token split and the minibatch order.
+    progress : bool
+        Show per-layer progress bars with the loss on stderr (tqdm).
+    """
+
+    max_tokens: int = 32768
+    holdout: float = 0.1
+    feed: str = "converted"
+    hash_steps: int = 300
+    hash_lr: float = 3e-3
+    hash_source: str = "preact"
+    hash_scale: float = 1.0
+    ridge: float = 1e-3
+    cg_iters: int = 60
+    finetune_steps: int = 200
+    finetune_lr: float = 1e-3
+    batch_tokens: int = 2048
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 2:
+            raise ValueError(f"distill option max_tokens must be an int >= 2, got "
+                             f"{self.max_tokens!r}")
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"distill option holdout must be in (0, 1), got {self.holdout!r}")
+        if self.feed not in ("converted", "original"):
+            raise ValueError(f"distill option feed must be 'converted' or 'original', got "
+                             f"{self.feed!r}")
+        if self.hash_source not in ("preact", "input"):
+            raise ValueError(f"distill option hash_source must be 'preact' or 'input', got "
+                             f"{self.hash_source!r}")
+        for name in ("hash_steps", "cg_iters", "finetune_steps", "batch_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0 or (name == "batch_tokens" and value < 1):
+                raise ValueError(f"distill option {name} must be a non-negative int, got {value!r}")
+        for name in ("hash_lr", "hash_scale", "ridge", "finetune_lr"):
+            if not float(getattr(self, name)) >= 0.0:
+                raise ValueError(f"distill option {name} must be >= 0, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "DistillOptions":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise LookupcInputError(f"unknown distill option(s) {unknown}; known: {sorted(known)}")
+        return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# One layer
+# ---------------------------------------------------------------------------------------
+
+def relative_error(lookup: LookupFFN, x: Tensor, y: Tensor, batch: int = 8192) -> float:
+    """``||lookup(x) - y|| / ||y||`` over all rows (computed in batches, no grad)."""
+    num = den = 0.0
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch):
+            yb = y[i:i + batch]
+            num += float((lookup(x[i:i + batch]) - yb).pow(2).sum())
+            den += float(yb.pow(2).sum())
+    return math.sqrt(num / max(den, 1e-30))
+
+
+def first_linear(dense: nn.Module | None) -> nn.Linear | None:
+    """The first ``nn.Linear`` inside ``dense`` (its fc1), or None."""
+    if dense is None:
+        return None
+    if isinstance(dense, nn.Linear):
+        return dense
+    return next((m for m in dense.modules() if isinstance(m, nn.Linear)), None)
+
+
+def _principal(u: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean, top-k principal directions [d, k] and their standard deviations of rows u."""
+    mean = u.mean(0)
+    uc = (u - mean).double()
+    cov = uc.T @ uc / max(1, u.shape[0] - 1)
+    evals, evecs = torch.linalg.eigh(cov)
+    order = torch.argsort(evals, descending=True)[:k]
+    return mean, evecs[:, order].to(u.dtype), evals[order].clamp_min(1e-12).sqrt().to(u.dtype)
+
+
+def hash_target(x: Tensor, width: int, fc1: nn.Linear | None, scale: float = 1.0) -> Tensor:
+    """The code target [N, width]: principal components of ``fc1(x)`` (or of x) at std ``scale``.
+
+    When fewer principal directions exist than ``width`` (small d), the remaining
+    coordinates get random mixtures of them (still informative, decorrelated signs).
+    """
+    with torch.no_grad():
+        u = fc1(x) if fc1 is not None else x
+        mean, dirs, std = _principal(u, min(width, u.shape[1]))
+        keep = std > 1e-3 * std[0]  # drop null directions (rank(W1) < d_hidden)
+        dirs, std = dirs[:, keep], std[keep]
+        k = dirs.shape[1]
+        t = (u - mean) @ dirs / std
+        if k < width:
+            gen = torch.Generator().manual_seed(width)
+            mix = torch.randn(k, width - k, generator=gen)
+            mix = mix / mix.norm(dim=0)  # unit columns: whitened inputs keep unit variance
+            t = torch.cat([t, t @ mix.to(t.dtype)], dim=1)
+        return scale * t
+
+
+def _batches(n: int, batch: int, steps: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=gen)
+    pos = 0
+    for _ in range(steps):
+        if pos + batch > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        yield perm[pos:pos + batch]
+        pos += batch
+
+
+def fit_hash(lookup: LookupFFN, x: Tensor, target: Tensor, *, steps: int, lr: float,
+             batch: int = 2048, seed: int = 0, bar=None) -> float:
+    """Adam on ``||z(x) - target||^2`` over the BH4 weight and hash bias; returns the final
+    relative error of z. ``target`` is [N, tables * bits]."""
+    w, b = lookup.bh4_weight, lookup.hash_bias
+    decay = float(lookup.config.decay)
+    with torch.no_grad():  # start the bias at the target mean minus the mixed-in input part
+        b.copy_(target.mean(0) - ref.hash_forward(x[:batch], w, torch.zeros_like(b), decay)
+                .mean(0))
+    opt = torch.optim.Adam([w, b], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    loss_v = float("nan")
+    for step, idx in enumerate(_batches(x.shape[0], batch, steps, seed)):
+        z = ref.hash_forward(x[idx], w, b, decay)
+        tb = target[idx]
+        loss = (z - tb).pow(2).mean() / tb.pow(2).mean().clamp_min(1e-12)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_v = float(loss.detach())
+        if bar is not None and step % 20 == 0:
+            bar.set_postfix_str(f"hash {step}/{steps} rel {math.sqrt(loss_v):.3f}")
+    w.grad = b.grad = None
+    return math.sqrt(loss_v) if steps else float("nan")
+
+
+def _design(lookup: LookupFFN, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Global table rows [N, h] (int64) and scores [N, h] of x under the current hash."""
+    with torch.no_grad():
+        scores, codes = lookup.hash(x)
+    rows = 1 << lookup.config.bits
+    offs = torch.arange(lookup.config.tables, device=x.device) * rows
+    return codes.long() + offs, scores
+
+
+def _design_chunks(rows_idx: Tensor, scores: Tensor, n_rows: int, chunk: int):
+    """Dense slices of the design matrix A [N, n_rows] (scores at the code rows)."""
+    for i in range(0, rows_idx.shape[0], chunk):
+        a = torch.zeros(min(chunk, rows_idx.shape[0] - i), n_rows, device=scores.device)
+        yield i, a.scatter_(1, rows_idx[i:i + chunk], scores[i:i + chunk].float())
+
+
+def _apply_a(rows_idx: Tensor, scores: Tensor, t: Tensor) -> Tensor:
+    return nn.functional.embedding_bag(rows_idx, t, per_sample_weights=scores.float(),
+                                       mode="sum")
+
+
+def _apply_at(rows_idx: Tensor, scores: Tensor, r: Tensor, n_rows: int, chunk: int) -> Tensor:
+    out = torch.zeros(n_rows, r.shape[1], device=r.device)
+    for i, a in _design_chunks(rows_idx, scores, n_rows, chunk):
+        out.addmm_(a.T, r[i:i + a.shape[0]])
+    return out
+
+
+def solve_tables(lookup: LookupFFN, x: Tensor, y: Tensor, *, ridge: float = 1e-3,
+                 iters: int = 60, max_direct_rows: int = 8192, bar=None) -> float:
+    """Set the tables and bias to the ridge least-squares fit given the codes (bias unregularised).
+
+    Solves ``(A^T A + lam I) T = A^T (y - bias)``, where ``A`` [N, h * 2**bits] holds
+    each token's scores at its code rows and ``lam = ridge * mean(diag(A^T A))``. Up to
+    ``max_direct_rows`` table rows the normal matrix is formed (dense GEMMs over token
+    chunks) and solved by Cholesky; above, ``iters`` Jacobi-preconditioned conjugate
+    gradient steps run on all output columns at once. Rows no token hits become zero.
+    Returns the relative training residual.
+    """
+    h, n_rows_per, d_out = lookup.tables.shape
+    n_rows = h * n_rows_per
+    rows_idx, scores = _design(lookup, x)
+    # one extra unregularised column of ones solves the bias jointly with the tables
+    rows_idx = torch.cat([rows_idx, torch.full_like(rows_idx[:, :1], n_rows)], dim=1)
+    scores = torch.cat([scores.float(), torch.ones_like(scores[:, :1], dtype=torch.float32)], 1)
+    total = n_rows + 1
+    chunk = max(256, (1 << 23) // total)
+    mean = y.mean(0)
+    r0 = (y - mean).float()
+    diag = torch.zeros(total, device=x.device).index_add_(0, rows_idx.reshape(-1),
+                                                          scores.reshape(-1) ** 2)
+    hit = diag[:n_rows] > 0
+    lam_v = ridge * float(diag[:n_rows][hit].mean()) if bool(hit.any()) else max(ridge, 1e-6)
+    lam = torch.full((total,), lam_v, device=x.device)
+    lam[-1] = 1e-6 * float(diag[-1])
+    rhs = _apply_at(rows_idx, scores, r0, total, chunk)
+    if total <= max_direct_rows:
+        gram = torch.zeros(total, total, device=x.device, dtype=torch.float64)
+        for _, a in _design_chunks(rows_idx, scores, total, chunk):
+            gram += (a.T @ a).double()
+        gram.diagonal().add_(lam.double())
+        if bar is not None:
+            bar.set_postfix_str(f"tables: cholesky {total}x{total}")
+        chol = torch.linalg.cholesky(gram)
+        t = torch.cholesky_solve(rhs.double(), chol).float()
+    else:
+        t = _cg(lambda v: _apply_at(rows_idx, scores, _apply_a(rows_idx, scores, v), total,
+                                    chunk) + lam[:, None] * v, rhs, 1.0 / (diag + lam), iters, bar)
+    with torch.no_grad():
+        lookup.tables.copy_(t[:n_rows].reshape(h, n_rows_per, d_out).to(lookup.tables.dtype))
+        lookup.bias.copy_((mean + t[n_rows]).to(lookup.bias.dtype))
+    resid = r0 - _apply_a(rows_idx, scores, t)
+    return float(resid.norm() / r0.norm().clamp_min(1e-30))
+
+
+def _cg(normal, rhs: Tensor, precond: Tensor, iters: int, bar=None) -> Tensor:
+    """Preconditioned CG on ``normal(t) = rhs``, each column of rhs its own system."""
+    t = torch.zeros_like(rhs)
+    r = rhs.clone()
+    zv = precond[:, None] * r
+    p = zv.clone()
+    rz = (r * zv).sum(0)
+    for it in range(iters):
+        ap = normal(p)
+        alpha = rz / (p * ap).sum(0).clamp_min(1e-30)
+        t += alpha * p
+        r -= alpha * ap
+        zv = precond[:, None] * r
+        rz_new = (r * zv).sum(0)
+        p = zv + (rz_new / rz.clamp_min(1e-30)) * p
+        rz = rz_new
+        if bar is not None and it % 10 == 0:
+            bar.set_postfix_str(f"tables: cg {it}/{iters}")
+    return t
+
+
+def finetune(lookup: LookupFFN, x: Tensor, y: Tensor, *, steps: int, lr: float,
+             batch: int = 2048, seed: int = 0, bar=None) -> float:
+    """Adam (cosine-decayed lr) on the MSE of all parameters; returns the last batch's
+    relative error."""
+    opt = torch.optim.Adam(lookup.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    last = float("nan")
+    for step, idx in enumerate(_batches(x.shape[0], batch, steps, seed + 1)):
+        yb = y[idx]
+        loss = (lookup(x[idx]) - yb).pow(2).sum() / yb.pow(2).sum().clamp_min(1e-30)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        last = math.sqrt(float(loss.detach()))
+        if bar is not None and step % 10 == 0:
+            bar.set_postfix_str(f"finetune {step}/{steps} rel {last:.3f}")
+    for p in lookup.parameters():
+        p.grad = None
+    return last
+
+
+def fit_lookup_ffn(lookup: LookupFFN, x: Tensor, y: Tensor, *, dense: nn.Module | None = None,
+                   x_val: Tensor | None = None, y_val: Tensor | None = None,
+                   options: DistillOptions | None = None, bar=None) -> dict:
+    """Fit ``lookup`` to map x [N, d_in] to y [N, d_out] (hash, tables, fine-tune).
+
+    Parameters
+    ----------
+    lookup : LookupFFN
+        Fitted in place.
+    x, y : Tensor
+        Training inputs and dense outputs.
+    dense : nn.Module, optional
+        The dense FFN; its first Linear gives the hash target (see ``hash_source``).
+    x_val, y_val : Tensor, optional
+        Held-out tokens; the returned ``rel_error`` is measured on them (else on x, y).
+    options : DistillOptions, optional
+        Steps, learning rates, ridge (defaults: ``DistillOptions()``).
+    bar : tqdm, optional
+        A progress bar whose postfix shows the phase and loss.
+
+    Returns
+    -------
+    dict
+        ``hash_rel`` (fit of z to its target), ``table_rel`` (training residual after
+        the solve), ``train_rel`` (after fine-tuning), ``rel_error`` (held out),
+        ``seconds``.
+
+    Examples
+    --------
+    >>> from lookupc import LookupConfig
+    >>> dense = nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 32))
+    >>> x = torch.randn(4096, 32)
+    >>> with torch.no_grad(): y = dense(x)
+    >>> lk = LookupFFN(32, 32, LookupConfig(tables=16, bits=4, block_size=8))
+    >>> stats = fit_lookup_ffn(lk, x, y, dense=dense,
+    ...                        options=DistillOptions(progress=False, finetune_steps=20))
+    >>> stats["rel_error"] < 0.6
+    True
+    """
+    opts = options or DistillOptions()
+    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
+        raise LookupcInputError(f"fit_lookup_ffn needs x [N, d_in] and y [N, d_out] with the same "
+                                f"N, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.shape[1] != lookup.d_in or y.shape[1] != lookup.d_out:
+        raise LookupcInputError(
+            f"fit_lookup_ffn: x has {x.shape[1]} features and y {y.shape[1]}, but the LookupFFN "
+            f"maps {lookup.d_in} -> {lookup.d_out}")
+    dev, dt = lookup.tables.device, lookup.tables.dtype
+    x, y = x.to(dev, dt), y.to(dev, dt)
+    t0 = time.perf_counter()
+    stats: dict[str, float] = {"tokens": float(x.shape[0])}
+    if opts.hash_steps:
+        fc1 = first_linear(dense) if opts.hash_source == "preact" else None
+        if fc1 is not None and fc1.in_features != x.shape[1]:
+            fc1 = None
+        if fc1 is not None:
+            fc1 = _float_copy(fc1, dev, dt)
+        target = hash_target(x, lookup.config.code_width, fc1, opts.hash_scale)
+        stats["hash_rel"] = fit_hash(lookup, x, target, steps=opts.hash_steps, lr=opts.hash_lr,
+                                     batch=opts.batch_tokens, seed=opts.seed, bar=bar)
+    if opts.cg_iters:
+        stats["table_rel"] = solve_tables(lookup, x, y, ridge=opts.ridge, iters=opts.cg_iters,
+                                          bar=bar)
+    if opts.finetune_steps:
+        finetune(lookup, x, y, steps=opts.finetune_steps, lr=opts.finetune_lr,
+                 batch=opts.batch_tokens, seed=opts.seed, bar=bar)
+    stats["train_rel"] = relative_error(lookup, x, y)
+    xv, yv = (x, y) if x_val is None or y_val is None else (x_val.to(dev, dt), y_val.to(dev, dt))
+    stats["rel_error"] = relative_error(lookup, xv, yv)
+    stats["seconds"] = time.perf_counter() - t0
+    return stats
+
+
+def _float_copy(linear: nn.Linear, device, dtype) -> nn.Linear:
+    copy = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+    with torch.no_grad():
+        copy.weight.copy_(linear.weight)
+        if linear.bias is not None:
+            copy.bias.copy_(linear.bias)
+    return copy.to(device, dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# A whole converted model
+# ---------------------------------------------------------------------------------------
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at ``path`` inside ``root``; return what was there."""
+    parent_path, _, leaf = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    old = getattr(parent, leaf)
+    setattr(parent, leaf, new)
+    return old
+
+
+def _slot_of(root: nn.Module, rep: Any) -> str:
+    slot = getattr(rep, "slot", None)
+    if slot:
+        return slot
+    for name, mod in root.named_modules():
+        if mod is rep.lookup:
+            return name
+    raise LookupcInputError(f"replacement {rep.name!r}: its LookupFFN is not inside result.module")
+
+
+def _capture(model: nn.Module, modules: list[nn.Module], items: list, max_tokens: int,
+             stop: bool) -> list[Tensor]:
+    """Inputs of each of ``modules`` over the calibration items (each capped at max_tokens)."""
+    caps = [ActivationCapture(m, max_tokens, stop=stop) for m in modules]
+    for c in caps:
+        c.__enter__()
+    try:
+        with torch.no_grad():
+            for index, item in enumerate(items):
+                if all(c.full for c in caps):
+                    break
+                for c in caps:
+                    c.item = item
+                try:
+                    run_item(model, item, index)
+                except StopForward:
+                    pass
+    finally:
+        for c in caps:
+            c.__exit__(None, None, None)
+    return [c.result() for c in caps]
+
+
+def _dense_outputs(dense: nn.Module, x: Tensor, batch: int = 8192) -> Tensor:
+    p = next(dense.parameters(), None)
+    dev, dt = (p.device, p.dtype) if p is not None else (x.device, x.dtype)
+    with torch.no_grad():
+        return torch.cat([dense(x[i:i + batch].to(dev, dt)).float().cpu()
+                          for i in range(0, x.shape[0], batch)])
+
+
+def _split(n: int, holdout: float, seed: int) -> tuple[Tensor, Tensor]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = min(n - 1, max(1, round(holdout * n)))
+    return perm[n_val:], perm[:n_val]
+
+
+def _set_rel_error(entry: Any, value: float) -> None:
+    try:
+        entry.rel_error = value
+    except (AttributeError, TypeError):  # frozen dataclass
+        object.__setattr__(entry, "rel_error", value)
+
+
+def distill_conversion(result: Any, original_model: nn.Module, calibration: Any,
+                       **options: Any) -> list[dict]:
+    """Fit every LookupFFN of a conversion to the dense FFN it replaced.
+
+    Called by ``lookupc.convert(..., init="distill")``. Layer by layer (in
+    ``result.replacements`` order): capture the LookupFFN's inputs on the calibration
+    items (``feed="converted"``: in ``result.module``, whose earlier LookupFFNs are
+    already fitted, stopping the forward at the layer; ``"original"``: once, with every
+    dense FFN put back), compute the targets with ``replacement.dense``, fit with
+    :func:`fit_lookup_ffn` and record the held-out relative error in
+    ``result.report.matched[i].rel_error``.
+
+    Parameters
+    ----------
+    result : ConversionResult
+        From ``lookupc.convert``; ``result.module`` is changed in place.
+    original_model : nn.Module
+        The unconverted model (only used to check the calibration items fit it).
+    calibration : iterable
+        Example inputs: tuples of positional args, dicts of keyword args or tensors.
+        An ``attention_mask`` kwarg shaped like the tokens drops padding tokens.
+    **options
+        Fields of :class:`DistillOptions`.
+
+    Returns
+    -------
+    list of dict
+        Per replacement: ``name`` and the statistics of :func:`fit_lookup_ffn`.
+
+    Raises
+    ------
+    LookupcInputError
+        Empty or missing calibration, unknown options, or a calibration item the
+        model cannot run (the message names the item and the model's error).
+    """
+    opts = DistillOptions.from_kwargs(**options)
+    items = calibration_items(calibration)
+    reps = list(result.replacements)
+    if not reps:
+        return []
+    module = result.module
+    slots = [_slot_of(module, r) for r in reps]
+    modes = (module.training, original_model.training)
+    module.eval()
+    original_model.eval()
+    with torch.no_grad():  # a wrong item fails here with the model's own message
+        try:
+            run_item(original_model, items[0], 0)
+        finally:
+            original_model.train(modes[1])
+    from tqdm.auto import tqdm
+
+    stats_all = []
+    try:
+        pre = _capture_original(module, reps, slots, items, opts) if opts.feed == "original" \
+            else None
+        bar = tqdm(total=len(reps), desc="distill", unit="ffn", file=sys.stderr,
+                   disable=not opts.progress, dynamic_ncols=True)
+        with bar:
+            for i, rep in enumerate(reps):
+                bar.set_description(f"distill {rep.name}")
+                x = pre[i] if pre is not None else \
+                    _capture(module, [rep.lookup], items, opts.max_tokens, stop=True)[0]
+                if x.shape[0] < 2:
+                    raise LookupcInputError(
+                        f"calibration gave {x.shape[0]} token(s) for FFN {rep.name!r}; need >= 2 "
+                        f"(is it reached by the model's forward?)")
+                y = _dense_outputs(rep.dense, x)
+                tr, va = _split(x.shape[0], opts.holdout, opts.seed + i)
+                stats = fit_lookup_ffn(rep.lookup, x[tr], y[tr], dense=rep.dense, x_val=x[va],
+                                       y_val=y[va], options=opts, bar=bar)
+                _set_rel_error(result.report.matched[i], stats["rel_error"])
+                stats_all.append({"name": rep.name, **stats})
+                bar.set_postfix_str(f"rel_error {stats['rel_error']:.4f}")
+                bar.update(1)
+    finally:
+        module.train(modes[0])
+    return stats_all
+
+
+def _capture_original(module: nn.Module, reps: list, slots: list[str], items: list,
+                      opts: DistillOptions) -> list[Tensor]:
+    """Inputs of every FFN in the dense model: slots temporarily hold the dense modules."""
+    olds = [_set_submodule(module, s, r.dense) for s, r in zip(slots, reps)]
+    try:
+        return _capture(module, [r.dense for r in reps], items, opts.max_tokens, stop=False)
+    finally:
+        for s, old in zip(slots, olds):
+            _set_submodule(module, s, old)
