@@ -152,7 +152,7 @@ def bench_length(model, tok, seq_len: int, args, work: Path) -> dict:
     build_s = time.perf_counter() - t0
     db_bytes = sum(f.stat().st_size for f in store.path.iterdir())
     rows = evaluate(model, store, held, args, calib[:len(held)] if args.repeat_row else None)
-    profiles = {f"{l}": dict(timing=p.timing.as_dict(), margin=p.margin, loo_pred_mean=float(p.loo_predicted.mean()),
+    profiles = {f"{l}": dict(timing=p.timing.as_dict(), inflation=p.inflation, loo_pred_mean=float(p.loo_predicted.mean()),
                              loo_true_mean=float(p.loo_true.mean()), loo_true_max=float(p.loo_true.max()),
                              **{f"alpha@{k}": p.hit_rate(v) for k, v in PRESETS.items()},
                              **{f"benefit@{k}_us": 1e6 * p.benefit(v) for k, v in PRESETS.items()})
@@ -183,7 +183,7 @@ def print_table(res: dict) -> None:
     print("perf model (eq. 3) per layer: " + "; ".join(
         f"L{l} t_attn {1e3 * p['timing']['t_attention']:.1f}ms saved {1e3 * (p['timing']['t_attention'] - p['timing']['t_hit']):.1f}ms "
         f"ovh {1e3 * p['timing']['t_overhead']:.2f}ms loo sim pred/true {p['loo_pred_mean']:.2f}/{p['loo_true_mean']:.2f} "
-        f"(max true {p['loo_true_max']:.2f}) margin {p['margin']:.2f}" for l, p in res["perf_model"].items()))
+        f"(max true {p['loo_true_max']:.2f}) inflation {p['inflation']:.2f}" for l, p in res["perf_model"].items()))
     print("embedder training per layer: " + "; ".join(
         f"L{t['layer']} {t['seconds']:.1f}s {t['initial_loss']:.3f}->{t['final_loss']:.4f} "
         f"(val {t['initial_val_loss']:.3f}->{t['final_val_loss']:.4f})" for t in res["embed_training"]))

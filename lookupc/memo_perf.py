@@ -31,7 +31,7 @@ is free, which is not true on a CPU where ``APM @ V`` costs as much as ``Q K^T``
 hit rate at the threshold, estimated leave-one-out on the calibration set
 (each record queries the index and its own entry is skipped), so it is not
 inflated by records finding themselves, and with the same error margin the live
-lookup applies (``LayerProfile.margin``). All times are per sequence, measured at
+lookup applies (``LayerProfile.inflation``). All times are per sequence, measured at
 build time on the build machine. A layer memoizes only when ``PB > 0``.
 """
 
@@ -87,11 +87,14 @@ class LayerProfile:
 
     ``loo_predicted[i]`` is the predicted similarity of record i to its nearest *other*
     record in embedding space, ``loo_true[i]`` the true eq. 1 similarity of that pair.
-    Those are exactly the conditions of a live query, so ``pred - true`` over them is
-    the embedder's error at query time, including the optimism of taking a nearest
-    neighbour (the minimum of many noisy distances is biased low). ``margin`` is its
-    ``margin_quantile`` quantile: a hit needs ``predicted - margin > threshold``, so
-    that about that fraction of hits really clear the threshold. ``None`` disables it.
+    Those are exactly the conditions of a live query, so they measure the embedder's
+    error at query time, including the optimism of taking a nearest neighbour (the
+    minimum of many noisy distances is biased low). The correction is multiplicative
+    on the distance: ``inflation`` is the ``margin_quantile`` quantile of
+    ``true_distance / predicted_distance`` (at least 1), and a hit needs
+    ``1 - inflation * (1 - predicted) > threshold``, so about that fraction of hits
+    really clear the threshold, while an exact repeat (distance 0) still hits.
+    ``margin_quantile=None`` disables the correction.
     """
 
     layer: int
@@ -102,16 +105,22 @@ class LayerProfile:
     margin_quantile: float | None = 0.9
 
     @property
-    def margin(self) -> float:
+    def inflation(self) -> float:
         if self.margin_quantile is None or len(self.loo_predicted) == 0:
-            return 0.0
-        return max(0.0, float(np.quantile(self.loo_predicted - self.loo_true, self.margin_quantile)))
+            return 1.0
+        pred_d = np.maximum(1.0 - self.loo_predicted.astype(np.float64), 1e-6)
+        ratio = (1.0 - self.loo_true.astype(np.float64)) / pred_d
+        return max(1.0, float(np.quantile(ratio, self.margin_quantile)))
+
+    def corrected(self, predicted: np.ndarray | float) -> np.ndarray | float:
+        """Predicted similarity after the error correction: ``1 - inflation * (1 - predicted)``."""
+        return 1.0 - self.inflation * (1.0 - predicted)
 
     def hit_rate(self, threshold: float) -> float:
-        """alpha: fraction of calibration queries whose nearest other record clears ``threshold`` (+ margin)."""
+        """alpha: fraction of calibration queries whose nearest other record clears ``threshold`` (corrected)."""
         if len(self.loo_predicted) == 0:
             return 0.0
-        return float(np.mean(self.loo_predicted - self.margin > threshold))
+        return float(np.mean(self.corrected(self.loo_predicted) > threshold))
 
     def benefit(self, threshold: float) -> float:
         """Paper eq. 3 in seconds per sequence: ``T_saved * alpha - T_overhead``."""

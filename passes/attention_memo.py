@@ -6,7 +6,7 @@ embedder per layer (``lookupc.memo_embed``) and writes a database
 (``lookupc.memo_store``). ``apply_memo`` returns a copy of a model whose chosen
 self-attention modules are wrapped by :class:`MemoSelfAttention`: per sequence it
 embeds the hidden state, finds the nearest stored record, and if the predicted
-similarity, less an error margin measured leave-one-out at build time, clears
+similarity, corrected by an error factor measured leave-one-out at build time, clears
 the threshold (``lookupc.memo_perf``) computes ``APM_stored @ V_live`` (V from the live
 value projection; the output projection, residual and LayerNorm of the enclosing
 ``BertAttention`` run as usual). Otherwise the original module runs unchanged, so a
@@ -189,18 +189,18 @@ class MemoSelfAttention(nn.Module):
     """
 
     def __init__(self, inner: nn.Module, layer: int, store: MemoStore, threshold: float,
-                 margins: Mapping[int, float]):
+                 inflation: Mapping[int, float]):
         super().__init__()
         self.inner = inner
         self.layer = layer
         self.store = store
         self.threshold = float(threshold)
-        self.margins = {int(k): float(v) for k, v in margins.items()}  # seq_len -> error margin
+        self.inflation = {int(k): float(v) for k, v in inflation.items()}  # seq_len -> distance inflation
         self.stats = LayerStats()
         self.train(inner.training)
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer}, threshold={self.threshold}, margins={self.margins}"
+        return f"layer={self.layer}, threshold={self.threshold}, inflation={self.inflation}"
 
     def _original(self, hidden_states, attention_mask, past_key_values, kwargs):
         return self.inner(hidden_states, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
@@ -208,7 +208,7 @@ class MemoSelfAttention(nn.Module):
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, past_key_values=None,
                 **kwargs: Any):
         b, L = hidden_states.shape[0], hidden_states.shape[1]
-        bucket = self.store.bucket(self.layer, L) if L in self.margins else None
+        bucket = self.store.bucket(self.layer, L) if L in self.inflation else None
         if (bucket is None or self.training or past_key_values is not None or _tracing()
                 or kwargs.get("encoder_hidden_states") is not None):
             self.stats.ineligible += b
@@ -216,7 +216,7 @@ class MemoSelfAttention(nn.Module):
         t0 = time.perf_counter()
         eligible = _unpadded(attention_mask, b).nonzero().flatten()
         self.stats.ineligible += b - len(eligible)
-        hit_rows, records, preds = self._lookup(bucket, hidden_states, eligible, self.margins[L])
+        hit_rows, records, preds = self._lookup(bucket, hidden_states, eligible, self.inflation[L])
         self.stats.seconds_overhead += time.perf_counter() - t0
         self.stats.hits += len(hit_rows)
         self.stats.misses += len(eligible) - len(hit_rows)
@@ -234,7 +234,7 @@ class MemoSelfAttention(nn.Module):
             out[row] = apm_times_value(self.inner, hidden_states[row], apm)
         return out, None
 
-    def _lookup(self, bucket, hidden_states: Tensor, eligible: Tensor, margin: float
+    def _lookup(self, bucket, hidden_states: Tensor, eligible: Tensor, inflation: float
                 ) -> tuple[list[int], list[int], list[float]]:
         if len(eligible) == 0 or self.threshold >= 1.0:
             return [], [], []
@@ -242,7 +242,7 @@ class MemoSelfAttention(nn.Module):
             keys = bucket.embedder(hidden_states[eligible].float()).numpy()
         dist2, idx = bucket.index.search(np.ascontiguousarray(keys, dtype=np.float32), 1)
         pred = 1.0 - np.sqrt(np.maximum(dist2[:, 0], 0.0))
-        hit = (pred - margin > self.threshold) & (idx[:, 0] >= 0)
+        hit = (1.0 - inflation * (1.0 - pred) > self.threshold) & (idx[:, 0] >= 0)
         rows = eligible[torch.from_numpy(hit)].tolist()
         return rows, idx[hit, 0].tolist(), pred[hit].tolist()
 
@@ -467,9 +467,10 @@ def apply_memo(model: nn.Module, db: MemoStore | str | os.PathLike, preset: str 
     threshold : float, optional
         Overrides ``preset``.
     margin_quantile : float or None
-        A hit needs ``predicted - margin > threshold`` where ``margin`` is this quantile of the
-        embedder's leave-one-out error on the calibration set (``LayerProfile.margin``), so
-        roughly this fraction of hits truly clear the threshold. ``None``: no margin.
+        A hit needs ``1 - inflation * (1 - predicted) > threshold`` where ``inflation`` is this
+        quantile of the embedder's leave-one-out distance ratio true/predicted on the calibration
+        set (``LayerProfile.inflation``), so roughly this fraction of hits truly clear the
+        threshold. ``None``: no correction.
 
     Returns
     -------
@@ -485,12 +486,12 @@ def apply_memo(model: nn.Module, db: MemoStore | str | os.PathLike, preset: str 
     out = copy.deepcopy(model)
     for layer, (name, _) in enumerate(find_self_attention(out)):
         lens = enabled.get(layer, set())
-        margins = {L: profiles[(layer, L)].margin for L in lens}
+        inflation = {L: profiles[(layer, L)].inflation for L in lens}
         if not lens:
             if isinstance(out.get_submodule(name), MemoSelfAttention):
                 _set_submodule(out, name, out.get_submodule(name).inner)
             continue
-        wrapper = MemoSelfAttention(_unwrap(out.get_submodule(name)), layer, store, thr, margins)
+        wrapper = MemoSelfAttention(_unwrap(out.get_submodule(name)), layer, store, thr, inflation)
         _set_submodule(out, name, wrapper)
     return out
 

@@ -111,7 +111,7 @@ def test_strictest_threshold_memoizes_nothing_and_is_exact(built):
 def test_calibration_inputs_hit_themselves_and_reproduce_the_model(built):
     model, store, _ = built
     ids = token_ids(24, 1)[:8]
-    memo = am.apply_memo(model, store, threshold=0.999, layers="all", margin_quantile=None)
+    memo = am.apply_memo(model, store, threshold=0.999, layers="all")  # error correction keeps exact repeats
     torch.testing.assert_close(out(memo, ids), out(model, ids), rtol=1e-4, atol=1e-4)
     assert [r for _, r, _ in am.memo_stats(memo)[0].last_records] == list(range(8))
 
@@ -224,13 +224,14 @@ def test_performance_model_eq3_selects_layers(built):
     pred = np.array([0.5, 0.92, 0.96, 0.99], dtype=np.float32)
     prof = LayerProfile(0, L, LayerTiming(t_attention=10.0, t_hit=4.0, t_overhead=1.0), pred, pred,
                         margin_quantile=None)
-    assert prof.margin == 0.0
+    assert prof.inflation == 1.0
     assert prof.hit_rate(0.95) == 0.5 and prof.benefit(0.95) == pytest.approx(6.0 * 0.5 - 1.0)
     assert prof.hit_rate(0.999) == 0.0 and not prof.worth_it(0.999)
-    # an embedder that over-predicts by 0.05 on its leave-one-out pairs gets a 0.05 margin
-    biased = LayerProfile(0, L, prof.timing, pred, pred - 0.05, margin_quantile=0.9)
-    assert biased.margin == pytest.approx(0.05, abs=1e-6)
-    assert biased.hit_rate(0.95) == 0.0 and biased.hit_rate(0.9) == 0.5
+    # an embedder whose leave-one-out neighbours are really 1.5x further than predicted
+    biased = LayerProfile(0, L, prof.timing, pred, 1.0 - 1.5 * (1.0 - pred), margin_quantile=0.9)
+    assert biased.inflation == pytest.approx(1.5, rel=1e-5)
+    assert biased.corrected(1.0) == 1.0  # an exact repeat still hits
+    assert biased.hit_rate(0.95) == 0.25 and biased.hit_rate(0.9) == 0.5 and biased.hit_rate(0.85) == 0.75
     _, store, _ = built
     profiles = am.layer_profiles(store)
     assert sorted(profiles) == [(0, L), (1, L)]
