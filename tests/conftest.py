@@ -10,7 +10,8 @@ import torch  # noqa: E402
 
 # Tests use small tensors: one torch thread is as fast and, unlike two OpenMP threads
 # spinning at barriers, does not slow down 50x when the machine is oversubscribed.
-torch.set_num_threads(int(os.environ.get("LOOKUPC_TEST_THREADS", "1")))
+_TEST_THREADS = int(os.environ.get("LOOKUPC_TEST_THREADS", "1"))
+torch.set_num_threads(_TEST_THREADS)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -30,5 +31,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_threads():
+    # in-process CLI commands (compare, run) set torch to all cores; undo that per test
+    torch.set_num_threads(_TEST_THREADS)
     torch.manual_seed(0)
