@@ -193,6 +193,19 @@ def best_knobs(kind: str, shapes: Any, target: Any, db_dir: str) -> list[int] | 
     return None if record is None else _knobs_of(kind, record.trace)
 
 
+def _strategy(trials: int) -> Any:
+    """Evolutionary search sized for small knob spaces.
+
+    The defaults (population 512, 50 unmeasured initial candidates, 4 genetic rounds)
+    replay the hash schedule's trace thousands of times before the first measurement,
+    which takes many minutes for a space of a few dozen points.
+    """
+    ms = _ms()
+    return ms.search_strategy.EvolutionarySearch(
+        population_size=max(16, 2 * trials), init_min_unmeasured=max(4, trials),
+        genetic_num_iters=2, max_fail_count=3)
+
+
 def tune(shapes_list: list, target: Any, db_dir: str, trials: int,
          cost_model: str = "xgb", kinds=("hash", "gather"), log=print) -> str:
     """Tune every kernel of ``shapes_list`` for ``target`` into ``db_dir`` (resumable).
@@ -237,7 +250,7 @@ def tune(shapes_list: list, target: Any, db_dir: str, trials: int,
         with tempfile_dir(db_dir) as scratch:
             ms.tune_tir(workload, target, scratch, max_trials_global=todo,
                         num_trials_per_iter=min(todo, 16), builder=builder, runner=runner,
-                        database=db, cost_model=cost_model,
+                        database=db, cost_model=cost_model, strategy=_strategy(todo),
                         num_tuning_cores=os.cpu_count() or 1, seed=0,
                         space=ms.space_generator.ScheduleFn(space, sch_rules=[], postprocs=[],
                                                             mutator_probs={}))
