@@ -109,7 +109,7 @@ def write_artifact(out_dir: str | os.PathLike, *, program, example_inputs: tuple
     manifest_fields : dict
         Target, schedule, config, shapes, program description... merged into the manifest.
     """
-    from .model_io import save_inputs
+    from .model_io import save_inputs, save_program
 
     out = Path(out_dir)
     _prepare_dir(out, overwrite)
@@ -117,7 +117,8 @@ def write_artifact(out_dir: str | os.PathLike, *, program, example_inputs: tuple
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        torch.export.save(program, str(tmp / PROGRAM))
+        save_program(program, str(tmp / PROGRAM),
+                     manifest_fields.get("program", {}).get("outputs", []))
         save_inputs(tuple(example_inputs), str(tmp / INPUTS))
         library = Path(build_library(str(tmp / "kernels")))
         if library.parent != tmp or not library.is_file():
@@ -376,17 +377,70 @@ TOKEN_RULE = ("kernels are generic in the token count; the program accepts any b
 
 def lookup_shapes(module: torch.nn.Module) -> list:
     """Distinct :class:`lookupc.kernels.KernelShapes` of the LookupFFNs in ``module``, in
-    module order."""
+    module order: LookupFFN submodules, or for an exported program (a ``.pt2`` that
+    ``lookupc convert`` wrote) the ``lookupc.hash``/``gather`` calls in its graphs."""
+    shapes = []
+    for named in _lookup_modules(module) or _graph_lookups(module):
+        s = _kernel_shapes(named[1])
+        if s not in shapes:
+            shapes.append(s)
+    return shapes
+
+
+class GraphLookup:
+    """The sizes of one LookupFFN read off a ``lookupc.hash`` -> ``lookupc.gather`` pair."""
+
+    def __init__(self, hash_node, gather_node):
+        x, weight, hash_bias, decay, bits = hash_node.args[:5]
+        r, _, _, bs, _ = weight.meta["val"].shape
+        self.d_in, self.repeats = int(x.meta["val"].shape[-1]), int(r)
+        self.tables = int(hash_bias.meta["val"].shape[0]) // int(bits)
+        self.d_out = int(gather_node.args[2].meta["val"].shape[-1])
+        from .config import LookupConfig
+
+        self.config = LookupConfig(self.tables, int(bits), int(bs), float(decay))
+
+
+def _graph_lookups(module: torch.nn.Module) -> list:
+    """``[(node name, GraphLookup)]`` for every lookupc.hash node in ``module``'s fx graphs."""
+    hash_op, gather_op = torch.ops.lookupc.hash.default, torch.ops.lookupc.gather.default
+    found = []
+    for m in module.modules():
+        graph = getattr(m, "graph", None)
+        if not isinstance(graph, torch.fx.Graph):
+            continue
+        for node in graph.nodes:
+            if node.target is not hash_op:
+                continue
+            gathers = [u for g in node.users for u in g.users if u.target is gather_op]
+            if gathers:
+                found.append((node.name, GraphLookup(node, gathers[0])))
+    return found
+
+
+def _kernel_shapes(m):
     from .kernels import KernelShapes
     from .module import LookupFFN
 
-    shapes = []
-    for m in module.modules():
-        if isinstance(m, LookupFFN):
-            s = KernelShapes.of(m)
-            if s not in shapes:
-                shapes.append(s)
-    return shapes
+    if isinstance(m, LookupFFN):
+        return KernelShapes.of(m)
+    return KernelShapes.for_config(m.d_in, m.d_out, m.config)
+
+
+class AlreadyConverted:
+    """Stands in for a ConversionResult when MODEL already holds lookupc ops (a .pt2 from
+    ``lookupc convert``): compiled as it is."""
+
+    def __init__(self, module: torch.nn.Module, count: int):
+        self.module = module
+        self.report = (f"MODEL is already converted: {count} LookupFFN(s) as lookupc ops in "
+                       f"its program; compiling it as it is")
+
+
+def already_converted(module: torch.nn.Module) -> "AlreadyConverted | None":
+    """An :class:`AlreadyConverted` when ``module``'s graphs call lookupc ops, else None."""
+    found = _graph_lookups(module)
+    return AlreadyConverted(module, len(found)) if found else None
 
 
 def _library_suffix(spec) -> str:
@@ -447,6 +501,8 @@ def compile_artifact(result, loaded, spec, out_dir, *, schedule: str = "hand",
     bar.set_postfix_str("torch.export")
     program, names, flattened, dynamic = exported or export_program(result.module,
                                                                     loaded.example_inputs)
+    recorded = loaded.info.get("output_names")  # a .pt2 MODEL written by lookupc convert
+    names = list(recorded) if recorded and len(recorded) == len(names) else names
     bar.update(1)
 
     def build_library(stem: str) -> str:
@@ -461,7 +517,8 @@ def compile_artifact(result, loaded, spec, out_dir, *, schedule: str = "hand",
         "target": spec.to_dict(), "target_string": str(spec), "schedule": schedule,
         "tuning_db": os.path.abspath(tuning_db) if tuning_db else None,
         "kernels": [_shape_dict(s) for s in shapes],
-        "config": [_config_of(m) for m in _lookup_modules(result.module)],
+        "config": [_config_of(m) for m in (_lookup_modules(result.module)
+                                            or _graph_lookups(result.module))],
         "program": {"file": PROGRAM, "inputs": _input_meta(loaded), "outputs": names,
                     "outputs_flattened": flattened, "dynamic_dims": dynamic,
                     "token_rule": TOKEN_RULE},

@@ -204,6 +204,13 @@ def _convert(loaded, config, init, calibration, seed):
 
     import lookupc
 
+    if loaded.kind == "pt2":
+        from .artifact import already_converted
+
+        done = already_converted(loaded.module)
+        if done is not None:
+            return done
+
     items = _calibration(calibration, loaded, init)
     torch.manual_seed(seed)
     with _step(f"converting ({init} init)"):
@@ -291,18 +298,23 @@ def convert(model, output, batch, seq_len, trust_pickle, tables, bits, block_siz
     loaded = _load(model, batch, seq_len, trust_pickle)
     result = _convert(loaded, _config(tables, bits, block_size), init, calibration, seed)
     _print_report(result.report)
-    import torch
-
-    from .model_io import export_program
+    from .model_io import export_program, save_program
 
     with _step("exporting"):
         program, names, flattened, dynamic = export_program(result.module, loaded.example_inputs)
-        torch.export.save(program, output)
+        names = _output_names(loaded, names)
+        save_program(program, output, names)
     if flattened:
         click.echo(f"note: the model returns {_kind_of_outputs(loaded)}; the program returns "
                    f"them flattened to a tuple ({', '.join(names)})", err=True)
     click.echo(f"wrote {output} ({os.path.getsize(output):,} bytes, "
                f"{'dynamic' if dynamic else 'static'} batch/sequence dims)")
+
+
+def _output_names(loaded, names: list[str]) -> list[str]:
+    """Names a .pt2 MODEL recorded for its outputs, else those found by flattening."""
+    recorded = loaded.info.get("output_names")
+    return list(recorded) if recorded and len(recorded) == len(names) else names
 
 
 def _kind_of_outputs(loaded) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import os
 import re
 import sys
@@ -35,6 +36,7 @@ from .errors import LookupcInputError
 __all__ = ["LoadedModel", "load_model", "load_inputs", "save_inputs", "FlatOutputs",
            "flatten_outputs", "export_program", "describe_model_spec"]
 
+PT2_EXTRA = "lookupc.json"  # extra file in .pt2s that lookupc writes: output names
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle")
 MODEL_HELP = ("a Hugging Face model dir (config.json + safetensors), a torch.export .pt2 "
@@ -171,8 +173,9 @@ def _load_pt2(spec: str) -> LoadedModel:
     import torch
 
     _ensure_lookupc_ops()
+    extra = {PT2_EXTRA: ""}
     try:
-        ep = torch.export.load(spec)
+        ep = torch.export.load(spec, extra_files=extra)
     except Exception as err:  # noqa: BLE001 -- torch raises many kinds here
         _fail(f"{spec}: not a loadable torch.export program: {type(err).__name__}: "
               f"{str(err).splitlines()[0] if str(err) else ''}")
@@ -186,8 +189,18 @@ def _load_pt2(spec: str) -> LoadedModel:
               f"with positional inputs")
     names = [getattr(s.arg, "name", f"input_{i}")
              for i, s in enumerate(ep.graph_signature.input_specs) if s.kind.name == "USER_INPUT"]
-    return LoadedModel(_Unlifted.wrap(ep.module(), names), tuple(args), "pt2", spec, names,
-                       {"exported_program": True})
+    info = {"exported_program": True}
+    if extra[PT2_EXTRA]:
+        info.update(json.loads(extra[PT2_EXTRA]))  # output names written by save_program
+    return LoadedModel(_Unlifted.wrap(ep.module(), names), tuple(args), "pt2", spec, names, info)
+
+
+def save_program(program, path: str, output_names: list[str]) -> None:
+    """``torch.export.save`` plus the output names (kept in the .pt2 as an extra file)."""
+    import torch
+
+    torch.export.save(program, path,
+                      extra_files={PT2_EXTRA: json.dumps({"output_names": list(output_names)})})
 
 
 class _Unlifted:

@@ -168,6 +168,7 @@ def test_cross_arch_artifact_is_written_but_refused_here(compiled, exported, tmp
         lookupc.load(out)
 
 
+@pytest.mark.slow
 def test_missing_isa_extension_is_refused(compiled, exported, tmp_path):
     flags = Path("/proc/cpuinfo").read_text()
     if "avx512f" in flags or "flags" not in flags:

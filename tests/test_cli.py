@@ -12,8 +12,7 @@ from click.testing import CliRunner
 
 from lookupc.cli import cli
 from lookupc.errors import LookupcInputError
-from lookupc.model_io import (export_program, flatten_outputs, load_inputs, load_model,
-                              save_inputs)
+from lookupc.model_io import flatten_outputs, load_inputs, load_model, save_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,37 +92,11 @@ def test_factory_inputs_follow_batch_and_seq_len():
     assert out.shape == (3, 7, 128)
 
 
-def test_hf_model_dir_loads_locally(hf_bert_dir):
-    loaded = load_model(str(hf_bert_dir), batch=2, seq_len=12)
-    assert loaded.kind == "hf" and loaded.input_names == ["input_ids", "attention_mask"]
-    ids, mask = loaded.example_inputs
-    assert ids.shape == mask.shape == (2, 12) and int(ids.max()) < 100
-    with pytest.raises(LookupcInputError, match="max_position_embeddings=64"):
-        load_model(str(hf_bert_dir), seq_len=65)
-
-
 def test_hf_dir_without_safetensors_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(LookupcInputError, match="no \\*.safetensors.*pickled weights"):
         load_model(str(tmp_path))
-
-
-def test_hf_outputs_are_flattened_for_export(hf_bert_dir, tmp_path):
-    loaded = load_model(str(hf_bert_dir), batch=2, seq_len=8)
-    program, names, flattened, dynamic = export_program(loaded.module, loaded.example_inputs)
-    assert flattened and names == ["last_hidden_state", "pooler_output"]
-    torch.export.save(program, tmp_path / "m.pt2")
-    back = torch.export.load(tmp_path / "m.pt2").module()
-    ids = torch.randint(0, 100, (3, 5))
-    got = back(ids, torch.ones_like(ids))
-    want = loaded.module(ids, torch.ones_like(ids))
-    assert isinstance(got, tuple) and len(got) == 2 and dynamic
-    torch.testing.assert_close(got[0], want.last_hidden_state)
-    torch.testing.assert_close(got[1], want.pooler_output)
-    # the .pt2 is itself a MODEL, with the stored example inputs
-    again = load_model(str(tmp_path / "m.pt2"))
-    assert again.kind == "pt2" and again.example_inputs[0].shape == (2, 8)
 
 
 def test_flatten_outputs_names_nested_values():
@@ -155,9 +128,3 @@ def test_input_file_errors(tmp_path):
     with pytest.raises(LookupcInputError, match="unknown input file type"):
         load_inputs(str(tmp_path / "x.txt"))
 
-
-@pytest.fixture(scope="module")
-def hf_bert_dir(tmp_path_factory):
-    from cli_models import make_hf_bert
-
-    return make_hf_bert(tmp_path_factory.mktemp("hf_bert"))
