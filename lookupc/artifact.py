@@ -434,7 +434,7 @@ class AlreadyConverted:
     def __init__(self, module: torch.nn.Module, count: int):
         self.module = module
         self.report = (f"MODEL is already converted: {count} LookupFFN(s) as lookupc ops in "
-                       f"its program; compiling it as it is")
+                       f"its program; used as it is, not converted again")
 
 
 def already_converted(module: torch.nn.Module) -> "AlreadyConverted | None":

@@ -383,8 +383,9 @@ def can_execute(spec: TargetSpec | str | dict | None) -> tuple[bool, str]:
                        f"{host_arch} ({_host_triple()})")
     missing = missing_features(spec)
     if missing:
-        return False, (f"target {spec.mcpu or 'generic'}{' ' + ','.join(spec.mattr) if spec.mattr else ''} "
-                       f"uses {', '.join(missing)}, which this CPU ({_host_cpu()}) lacks")
+        name = " ".join([spec.mcpu or "generic", ",".join(spec.mattr)]).strip()
+        return False, (f"target {name} uses {', '.join(missing)}, which this CPU "
+                       f"({_host_cpu()}) lacks")
     return True, ""
 
 
