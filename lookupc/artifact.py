@@ -315,7 +315,7 @@ class Artifact(torch.nn.Module):
     def __repr__(self) -> str:
         m = self.manifest
         return (f"Artifact({str(self.path)!r}, target={m.get('target_string')!r}, "
-                f"schedule={m.get('schedule')!r}, ffns={len(m.get('kernels', []))})")
+                f"schedule={m.get('schedule')!r}, ffns={len(m.get('config', []))})")
 
 
 def _load_provider(library: Path, manifest: dict) -> "LibraryProvider":
