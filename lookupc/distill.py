@@ -67,6 +67,11 @@ class DistillOptions:
         Standard deviation of each coordinate of the hash target.
     ridge : float
         Ridge strength of the table solve, relative to the mean diagonal of A^T A.
+    ridge_grid : tuple of float
+        Multipliers of ``ridge`` tried by the exact (Cholesky) table solve; the one with
+        the lowest error on a tenth of the training tokens held out from that solve wins
+        (then the tables are solved on all training tokens). Small calibration sets
+        overfit the table rows, so the strength is chosen on data, not fixed.
     cg_iters : int
         Conjugate-gradient iterations of the table solve (0 skips the solve).
     finetune_steps, finetune_lr, batch_tokens : int, float, int
@@ -85,6 +90,7 @@ class DistillOptions:
     hash_source: str = "preact"
     hash_scale: float = 1.0
     ridge: float = 1e-3
+    ridge_grid: tuple = (1.0, 10.0, 100.0, 1000.0)
     cg_iters: int = 60
     finetune_steps: int = 200
     finetune_lr: float = 1e-3
@@ -108,6 +114,9 @@ class DistillOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0 or (name == "batch_tokens" and value < 1):
                 raise ValueError(f"distill option {name} must be a non-negative int, got {value!r}")
+        if not self.ridge_grid or any(float(m) <= 0.0 for m in self.ridge_grid):
+            raise ValueError(f"distill option ridge_grid must be positive multipliers, got "
+                             f"{self.ridge_grid!r}")
         for name in ("hash_lr", "hash_scale", "ridge", "finetune_lr"):
             if not float(getattr(self, name)) >= 0.0:
                 raise ValueError(f"distill option {name} must be >= 0, got {getattr(self, name)!r}")
@@ -243,7 +252,8 @@ def _apply_at(rows_idx: Tensor, scores: Tensor, r: Tensor, n_rows: int, chunk: i
 
 
 def solve_tables(lookup: LookupFFN, x: Tensor, y: Tensor, *, ridge: float = 1e-3,
-                 iters: int = 60, max_direct_rows: int = 8192, bar=None) -> float:
+                 iters: int = 60, max_direct_rows: int = 8192, bar=None,
+                 ridge_grid: tuple = (1.0,)) -> float:
     """Set the tables and bias to the ridge least-squares fit given the codes (bias unregularised).
 
     Solves ``(A^T A + lam I) T = A^T (y - bias)``, where ``A`` [N, h * 2**bits] holds
@@ -251,7 +261,11 @@ def solve_tables(lookup: LookupFFN, x: Tensor, y: Tensor, *, ridge: float = 1e-3
     ``max_direct_rows`` table rows the normal matrix is formed (dense GEMMs over token
     chunks) and solved by Cholesky; above, ``iters`` Jacobi-preconditioned conjugate
     gradient steps run on all output columns at once. Rows no token hits become zero.
-    Returns the relative training residual.
+    With several multipliers in ``ridge_grid``, the exact solve first fits 90% of the
+    tokens for each ``ridge * m``, keeps the ``m`` with the lowest error on the other
+    10%, and then solves on all tokens with it (the normal matrix is additive over
+    tokens, so this costs one extra Cholesky per candidate). Returns the relative
+    training residual.
     """
     h, n_rows_per, d_out = lookup.tables.shape
     n_rows = h * n_rows_per
@@ -271,14 +285,40 @@ def solve_tables(lookup: LookupFFN, x: Tensor, y: Tensor, *, ridge: float = 1e-3
     lam[-1] = 1e-6 * float(diag[-1])
     rhs = _apply_at(rows_idx, scores, r0, total, chunk)
     if total <= max_direct_rows:
+        n = rows_idx.shape[0]
+        select = len(ridge_grid) > 1 and n >= 20
+        held = torch.zeros(n, dtype=torch.bool, device=x.device)
+        if select:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+            held[perm[: n // 10].to(x.device)] = True
         gram = torch.zeros(total, total, device=x.device, dtype=torch.float64)
-        for _, a in _design_chunks(rows_idx, scores, total, chunk):
+        gram_held = torch.zeros_like(gram)
+        rhs_held = torch.zeros(total, r0.shape[1], device=x.device, dtype=torch.float64)
+        for i, a in _design_chunks(rows_idx, scores, total, chunk):
             gram += (a.T @ a).double()
-        gram.diagonal().add_(lam.double())
+            h_rows = held[i:i + a.shape[0]]
+            if bool(h_rows.any()):
+                a_h = a[h_rows]
+                gram_held += (a_h.T @ a_h).double()
+                rhs_held += (a_h.T @ r0[i:i + a.shape[0]][h_rows]).double()
         if bar is not None:
             bar.set_postfix_str(f"tables: cholesky {total}x{total}")
-        chol = torch.linalg.cholesky(gram)
-        t = torch.cholesky_solve(rhs.double(), chol).float()
+        mult = 1.0
+        if select:
+            best = None
+            for m in ridge_grid:
+                g = gram - gram_held
+                g.diagonal().add_(lam.double())
+                g.diagonal()[:n_rows].add_(lam_v * (float(m) - 1.0))
+                t_m = torch.cholesky_solve(rhs.double() - rhs_held, torch.linalg.cholesky(g))
+                err = float((r0[held] - _apply_a(rows_idx[held], scores[held],
+                                                 t_m.float())).norm())
+                if best is None or err < best[0]:
+                    best = (err, float(m))
+            mult = best[1]
+        gram.diagonal().add_(lam.double())
+        gram.diagonal()[:n_rows].add_(lam_v * (mult - 1.0))
+        t = torch.cholesky_solve(rhs.double(), torch.linalg.cholesky(gram)).float()
     else:
         t = _cg(lambda v: _apply_at(rows_idx, scores, _apply_a(rows_idx, scores, v), total,
                                     chunk) + lam[:, None] * v, rhs, 1.0 / (diag + lam), iters, bar)
@@ -394,7 +434,7 @@ def fit_lookup_ffn(lookup: LookupFFN, x: Tensor, y: Tensor, *, dense: nn.Module 
                                      batch=opts.batch_tokens, seed=opts.seed, bar=bar)
     if opts.cg_iters:
         stats["table_rel"] = solve_tables(lookup, x, y, ridge=opts.ridge, iters=opts.cg_iters,
-                                          bar=bar)
+                                          bar=bar, ridge_grid=opts.ridge_grid)
     if opts.finetune_steps:
         finetune(lookup, x, y, steps=opts.finetune_steps, lr=opts.finetune_lr,
                  batch=opts.batch_tokens, seed=opts.seed, bar=bar)

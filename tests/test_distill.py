@@ -131,3 +131,23 @@ def test_relative_error_definition():
     with torch.no_grad():
         expected = (lk(x) - y).norm() / y.norm()
     assert math.isclose(relative_error(lk, x, y, batch=7), float(expected), rel_tol=1e-5)
+
+
+def test_ridge_chosen_on_held_out_tokens_generalises_better_than_a_fixed_weak_one():
+    # few tokens per table row (8-bit codes, 400 tokens): a weak fixed ridge overfits
+    dense = _dense()
+    x, y = _data(dense, n=400)
+    x_test, y_test = _data(dense, n=2000, seed=7)
+    fixed, chosen = (LookupFFN(32, 32, LookupConfig(tables=8, bits=8, block_size=8))
+                     for _ in range(2))
+    chosen.load_state_dict(fixed.state_dict())
+    solve_tables(fixed, x, y, ridge=1e-3)
+    solve_tables(chosen, x, y, ridge=1e-3, ridge_grid=(1.0, 10.0, 100.0, 1000.0))
+    err_fixed, err_chosen = relative_error(fixed, x_test, y_test), relative_error(chosen, x_test,
+                                                                                 y_test)
+    assert err_chosen < 0.9 * err_fixed, (err_chosen, err_fixed)
+    # the selection only ever picks from the grid: the weak strength alone is the fixed fit
+    same = LookupFFN(32, 32, LookupConfig(tables=8, bits=8, block_size=8))
+    same.load_state_dict(fixed.state_dict())
+    solve_tables(same, x, y, ridge=1e-3, ridge_grid=(1.0,))
+    torch.testing.assert_close(same.tables, fixed.tables)
