@@ -18,14 +18,6 @@ from lookupc.memo_store import MemoDatabaseError, MemoStore, StoreWriter  # noqa
 from lookupc.passes import attention_memo as am  # noqa: E402
 
 L = 16
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: on a loaded 2-core machine, intra-op threads spin and make these tests 10x slower
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 EMBED = EmbedConfig(dim=16, token_dim=4, width=32, steps=60, pairs=200, batch_pairs=64)
 
 

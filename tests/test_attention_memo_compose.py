@@ -15,14 +15,6 @@ from lookupc.passes import attention_memo as am  # noqa: E402
 from tests.test_attention_memo import EMBED, calib, out, tiny_bert, token_ids  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model_and_db(tmp_path_factory):
     model = tiny_bert()

@@ -10,16 +10,6 @@ from lookupc.memo_embed import (EmbedConfig, HiddenStateEmbedder, apm_distance, 
                                 train_embedder)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: on a loaded 2-core machine, intra-op threads spin and make these tests 10x slower
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-
 def test_apm_distance_is_mean_row_total_variation():
     a = torch.tensor([[[1.0, 0.0], [0.5, 0.5]]])  # 1 head, L = 2
     b = torch.tensor([[[0.0, 1.0], [0.5, 0.5]]])
