@@ -16,9 +16,9 @@ slow, so use small sizes)::
     python examples/train_gpu.py --device cpu --width 64 --layers 1 --batch 2 --seq 32 \\
         --steps 3 --check-steps 3
 
-The model and batches here are a minimal stand-in; when ``examples/train_from_scratch.py``
-(the CPU dense-vs-LookupFFN comparison) provides ``build_model`` and ``batches``, they
-are used instead so the two examples train the same model.
+The model (``ByteLM`` with LookupFFN feed-forward layers) and the byte stream of
+standard-library docstrings come from ``examples/train_from_scratch.py``, so the GPU
+run trains exactly the model of the CPU dense-vs-LookupFFN comparison.
 """
 
 from __future__ import annotations
@@ -37,68 +37,21 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lookupc  # noqa: E402
-from lookupc.textdata import docstring_corpus  # noqa: E402
+from examples.train_from_scratch import ByteLM, data, sample  # noqa: E402
 
 VOCAB = 256  # bytes
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: causal self-attention, then a LookupFFN."""
-
-    def __init__(self, width: int, heads: int, ffn: nn.Module):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.heads, self.ffn = heads, ffn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, w = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, w // self.heads).unbind(2)
-        att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                             v.transpose(1, 2), is_causal=True)
-        x = x + self.proj(att.transpose(1, 2).reshape(b, t, w))
-        return x + self.ffn(self.ln2(x))
-
-
-class TinyLM(nn.Module):
-    """Byte-level LM with LookupFFN feed-forward layers."""
-
-    def __init__(self, width: int = 256, layers: int = 4, heads: int = 4, seq: int = 128):
-        super().__init__()
-        cfg = lookupc.LookupConfig.for_ffn(width, 4 * width, width)
-        self.embed, self.pos = nn.Embedding(VOCAB, width), nn.Embedding(seq, width)
-        self.blocks = nn.ModuleList(
-            Block(width, heads, lookupc.LookupFFN(width, width, cfg)) for _ in range(layers))
-        self.ln, self.head = nn.LayerNorm(width), nn.Linear(width, VOCAB)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.embed(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
-        for blk in self.blocks:
-            x = blk(x)
-        return self.head(self.ln(x))
-
-
-def _local_batches(batch: int, seq: int, steps: int, seed: int):
-    data = torch.frombuffer(bytearray(docstring_corpus(2_000_000).encode("utf-8", "replace")),
-                            dtype=torch.uint8).long()
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        start = torch.randint(0, data.numel() - seq - 1, (batch,), generator=g)
-        chunk = torch.stack([data[s:s + seq + 1] for s in start.tolist()])
-        yield chunk[:, :-1], chunk[:, 1:]
-
-
 def model_and_batches(args):
-    """(model factory, list of (inputs, targets)); train_from_scratch's when it has them."""
-    try:
-        from examples import train_from_scratch as tfs  # noqa: PLC0415
-        build, make = tfs.build_model, tfs.batches
-    except (ImportError, AttributeError):
-        def build():
-            return TinyLM(args.width, args.layers, args.heads, args.seq)
-        batches = list(_local_batches(args.batch, args.seq, args.steps, args.seed))
-        return build, batches
-    return (lambda: build(ffn="lookup")), list(make(args.batch, args.seq, args.steps, args.seed))
+    """(model factory, list of (inputs, targets)) for train_from_scratch's byte-level LM."""
+    cfg = lookupc.LookupConfig.for_ffn(args.width, 4 * args.width, args.width)
+
+    def build() -> nn.Module:
+        return ByteLM(args.layers, args.width, args.heads, args.seq, lookup=cfg)
+
+    stream, _ = data(2_000_000, args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    return build, [sample(stream, args.batch, args.seq, gen) for _ in range(args.steps)]
 
 
 def train(model: nn.Module, batches, device: torch.device, schedule: str, lr: float,
