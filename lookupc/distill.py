@@ -4,11 +4,13 @@ For one layer, with inputs ``x`` [N, d_in] and the dense FFN's outputs ``y`` [N,
 :func:`fit_lookup_ffn` runs three phases:
 
 1. **Hash** (:func:`fit_hash`): choose the BH4 weights and hash bias so that the soft
-   codes ``z`` follow a linear projection of the dense first layer's pre-activations
-   ``u = W1 x + b1`` (its top principal directions, scaled to unit variance; or the
-   input's own principal directions when the dense FFN has no visible first Linear).
-   A few hundred Adam steps on ``||z - target||^2``: the codes then split the input
-   space where the dense FFN's hidden units change.
+   codes ``z`` follow the dense FFN's own hidden pre-activations ``u_j = W1_j x + b1_j``
+   of its ``h * tau`` most important hidden units (importance: ``||W2[:, j]|| *
+   std(GELU(u_j))``, the share of the output that unit carries). A few hundred Adam
+   steps on ``||z - target||^2``: each code bit then flips where one of the dense
+   FFN's important GELUs bends, and the score (``~ |z|`` for large ``|z|``) grows like
+   that unit's activation. With 1-bit codes this makes the LookupFFN a pruned copy of
+   the dense FFN whose first layer is a BH4 matrix.
 2. **Tables** (:func:`solve_tables`): with the codes fixed the output
    ``y ~ sum_k s_k T[k, c_k] + b`` is linear in the tables, a sparse design with h
    non-zeros per token. Solved as ridge regression by Jacobi-preconditioned conjugate
@@ -39,7 +41,8 @@ from .errors import LookupcInputError
 from .module import LookupFFN
 
 __all__ = ["DistillOptions", "fit_lookup_ffn", "fit_hash", "solve_tables", "finetune",
-           "relative_error", "hash_target", "distill_conversion", "first_linear"]
+           "relative_error", "hash_target", "hidden_target", "distill_conversion",
+           "first_linear", "last_linear"]
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,10 @@ class DistillOptions:
     hash_steps, hash_lr : int, float
         Adam steps and learning rate fitting the hash to the dense projection (0 skips).
     hash_source : str
-        ``"preact"`` (dense pre-activations, falls back to ``"input"`` when the dense
-        module has no Linear) or ``"input"`` (principal directions of x).
+        ``"hidden"`` (the pre-activations of the dense FFN's most important hidden
+        units, see the module docstring), ``"preact"`` (whitened principal directions
+        of all pre-activations) or ``"input"`` (principal directions of x). The first
+        two fall back to ``"input"`` when the dense module has no visible Linear.
     hash_scale : float
         Standard deviation of each coordinate of the hash target.
     ridge : float
@@ -76,6 +81,15 @@ class DistillOptions:
         Conjugate-gradient iterations of the table solve (0 skips the solve).
     finetune_steps, finetune_lr, batch_tokens : int, float, int
         Adam fine-tuning of all parameters on the MSE (0 steps skips it).
+    finetune_hash_lr : float
+        Learning rate of the hash parameters during fine-tuning (the tables use
+        ``finetune_lr``). Smaller: moving the hash re-codes tokens, so a hash step as
+        large as a table step undoes the table solve.
+    model_steps, model_lr, model_hash_lr : int, float, float
+        Whole-model distillation after the layer fits (:mod:`lookupc.distill_model`):
+        Adam steps (one calibration item each; 0 skips it) on the converted model's
+        output error against the original model, and the learning rates of the tables
+        and of the hash.
     seed : int
         Seed of the token split and the minibatch order.
     progress : bool
@@ -87,14 +101,18 @@ class DistillOptions:
     feed: str = "converted"
     hash_steps: int = 300
     hash_lr: float = 3e-3
-    hash_source: str = "preact"
+    hash_source: str = "hidden"
     hash_scale: float = 1.0
     ridge: float = 1e-3
     ridge_grid: tuple = (1.0, 10.0, 100.0, 1000.0)
     cg_iters: int = 60
     finetune_steps: int = 200
     finetune_lr: float = 1e-3
+    finetune_hash_lr: float = 3e-4
     batch_tokens: int = 2048
+    model_steps: int = 0
+    model_lr: float = 3e-4
+    model_hash_lr: float = 3e-5
     seed: int = 0
     progress: bool = True
 
@@ -107,17 +125,18 @@ class DistillOptions:
         if self.feed not in ("converted", "original"):
             raise ValueError(f"distill option feed must be 'converted' or 'original', got "
                              f"{self.feed!r}")
-        if self.hash_source not in ("preact", "input"):
-            raise ValueError(f"distill option hash_source must be 'preact' or 'input', got "
-                             f"{self.hash_source!r}")
-        for name in ("hash_steps", "cg_iters", "finetune_steps", "batch_tokens"):
+        if self.hash_source not in ("hidden", "preact", "input"):
+            raise ValueError(f"distill option hash_source must be 'hidden', 'preact' or "
+                             f"'input', got {self.hash_source!r}")
+        for name in ("hash_steps", "cg_iters", "finetune_steps", "batch_tokens", "model_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0 or (name == "batch_tokens" and value < 1):
                 raise ValueError(f"distill option {name} must be a non-negative int, got {value!r}")
         if not self.ridge_grid or any(float(m) <= 0.0 for m in self.ridge_grid):
             raise ValueError(f"distill option ridge_grid must be positive multipliers, got "
                              f"{self.ridge_grid!r}")
-        for name in ("hash_lr", "hash_scale", "ridge", "finetune_lr"):
+        for name in ("hash_lr", "hash_scale", "ridge", "finetune_lr", "finetune_hash_lr",
+                     "model_lr", "model_hash_lr"):
             if not float(getattr(self, name)) >= 0.0:
                 raise ValueError(f"distill option {name} must be >= 0, got {getattr(self, name)!r}")
 
@@ -152,6 +171,39 @@ def first_linear(dense: nn.Module | None) -> nn.Linear | None:
     if isinstance(dense, nn.Linear):
         return dense
     return next((m for m in dense.modules() if isinstance(m, nn.Linear)), None)
+
+
+def last_linear(dense: nn.Module | None) -> nn.Linear | None:
+    """The last ``nn.Linear`` inside ``dense`` when it has at least two (its fc2), or None."""
+    if dense is None or isinstance(dense, nn.Linear):
+        return None
+    linears = [m for m in dense.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if len(linears) >= 2 else None
+
+
+def hidden_target(x: Tensor, width: int, fc1: nn.Linear, fc2: nn.Linear | None = None,
+                  scale: float = 1.0, batch: int = 8192) -> Tensor:
+    """The code target [N, width]: pre-activations of the ``width`` most important hidden units.
+
+    Unit j's importance is ``||fc2.weight[:, j]|| * std(GELU(u_j))`` (``std`` alone without
+    ``fc2``), with ``u = fc1(x)`` not centred or whitened: a code bit is then the sign of
+    a dense hidden unit, so it flips exactly where that unit's GELU bends. Units are
+    assigned in decreasing importance (table 0 gets the top ``tau``). When the dense FFN
+    has fewer hidden units than ``width``, the rest are random unit-norm mixtures of them.
+    """
+    with torch.no_grad():
+        u = torch.cat([fc1(x[i:i + batch]) for i in range(0, x.shape[0], batch)])
+        g = nn.functional.gelu(u)
+        imp = g.std(0)
+        if fc2 is not None and fc2.in_features == u.shape[1]:
+            imp = imp * fc2.weight.norm(dim=0).to(imp)
+        order = torch.argsort(imp, descending=True)[:width]
+        t = u[:, order]
+        if t.shape[1] < width:
+            gen = torch.Generator().manual_seed(width)
+            mix = torch.randn(t.shape[1], width - t.shape[1], generator=gen)
+            t = torch.cat([t, t @ (mix / mix.norm(dim=0)).to(t.dtype)], dim=1)
+        return scale * t
 
 
 def _principal(u: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -351,10 +403,14 @@ def _cg(normal, rhs: Tensor, precond: Tensor, iters: int, bar=None) -> Tensor:
 
 
 def finetune(lookup: LookupFFN, x: Tensor, y: Tensor, *, steps: int, lr: float,
-             batch: int = 2048, seed: int = 0, bar=None) -> float:
+             batch: int = 2048, seed: int = 0, bar=None, hash_lr: float | None = None) -> float:
     """Adam (cosine-decayed lr) on the MSE of all parameters; returns the last batch's
-    relative error."""
-    opt = torch.optim.Adam(lookup.parameters(), lr=lr)
+    relative error. ``hash_lr`` (default ``lr``) is the hash parameters' learning rate."""
+    hash_params = [lookup.bh4_weight, lookup.hash_bias]
+    ids = {id(p) for p in hash_params}
+    rest = [p for p in lookup.parameters() if id(p) not in ids]
+    opt = torch.optim.Adam([{"params": hash_params, "lr": lr if hash_lr is None else hash_lr},
+                            {"params": rest, "lr": lr}])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     last = float("nan")
     for step, idx in enumerate(_batches(x.shape[0], batch, steps, seed + 1)):
@@ -424,12 +480,16 @@ def fit_lookup_ffn(lookup: LookupFFN, x: Tensor, y: Tensor, *, dense: nn.Module 
     t0 = time.perf_counter()
     stats: dict[str, float] = {"tokens": float(x.shape[0])}
     if opts.hash_steps:
-        fc1 = first_linear(dense) if opts.hash_source == "preact" else None
+        fc1 = first_linear(dense) if opts.hash_source != "input" else None
         if fc1 is not None and fc1.in_features != x.shape[1]:
             fc1 = None
         if fc1 is not None:
             fc1 = _float_copy(fc1, dev, dt)
-        target = hash_target(x, lookup.config.code_width, fc1, opts.hash_scale)
+        if fc1 is not None and opts.hash_source == "hidden":
+            fc2 = last_linear(dense)
+            target = hidden_target(x, lookup.config.code_width, fc1, fc2, opts.hash_scale)
+        else:
+            target = hash_target(x, lookup.config.code_width, fc1, opts.hash_scale)
         stats["hash_rel"] = fit_hash(lookup, x, target, steps=opts.hash_steps, lr=opts.hash_lr,
                                      batch=opts.batch_tokens, seed=opts.seed, bar=bar)
     if opts.cg_iters:
@@ -437,7 +497,7 @@ def fit_lookup_ffn(lookup: LookupFFN, x: Tensor, y: Tensor, *, dense: nn.Module 
                                           bar=bar, ridge_grid=opts.ridge_grid)
     if opts.finetune_steps:
         finetune(lookup, x, y, steps=opts.finetune_steps, lr=opts.finetune_lr,
-                 batch=opts.batch_tokens, seed=opts.seed, bar=bar)
+                 hash_lr=opts.finetune_hash_lr, batch=opts.batch_tokens, seed=opts.seed, bar=bar)
     stats["train_rel"] = relative_error(lookup, x, y)
     xv, yv = (x, y) if x_val is None or y_val is None else (x_val.to(dev, dt), y_val.to(dev, dt))
     stats["rel_error"] = relative_error(lookup, xv, yv)
@@ -531,7 +591,9 @@ def distill_conversion(result: Any, original_model: nn.Module, calibration: Any,
     already fitted, stopping the forward at the layer; ``"original"``: once, with every
     dense FFN put back), compute the targets with ``replacement.dense``, fit with
     :func:`fit_lookup_ffn` and record the held-out relative error in
-    ``result.report.matched[i].rel_error``.
+    ``result.report.matched[i].rel_error``. With ``model_steps`` the LookupFFNs are then
+    trained together on the model's outputs (:func:`lookupc.distill_model.finetune_model`)
+    and ``result.report.model_error`` records the output error before and after.
 
     Parameters
     ----------
@@ -596,6 +658,11 @@ def distill_conversion(result: Any, original_model: nn.Module, calibration: Any,
                 stats_all.append({"name": rep.name, **stats})
                 bar.set_postfix_str(f"rel_error {stats['rel_error']:.4f}")
                 bar.update(1)
+        if opts.model_steps:
+            from .distill_model import finetune_model
+            result.report.model_error = finetune_model(
+                module, original_model, items, steps=opts.model_steps, lr=opts.model_lr,
+                hash_lr=opts.model_hash_lr, seed=opts.seed, progress=opts.progress)
     finally:
         module.train(modes[0])
     return stats_all

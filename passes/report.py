@@ -51,6 +51,9 @@ class ConversionReport:
 
     matched: list[MatchedFFN] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    #: set by whole-model distillation (``distill_options={"model_steps": n}``):
+    #: ``before``/``after`` relative output error on held-out calibration items.
+    model_error: dict | None = None
 
     @property
     def flops_before(self) -> int:
@@ -68,7 +71,7 @@ class ConversionReport:
         return {"matched": [m.to_dict() for m in self.matched],
                 "skipped": [{"location": s.location, "reason": s.reason} for s in self.skipped],
                 "flops_before": self.flops_before, "flops_after": self.flops_after,
-                "table_bytes": self.table_bytes}
+                "table_bytes": self.table_bytes, "model_error": self.model_error}
 
     def _rows(self) -> list[list[str]]:
         rows = [["location", "d_in-d_hid-d_out", "act", "form", "h x tau / bs",
@@ -93,6 +96,11 @@ class ConversionReport:
             ratio = self.flops_before / max(1, self.flops_after)
             lines.append(f"total FFN FLOPs/token: {self.flops_before:,} -> {self.flops_after:,} "
                          f"(dense/lookup {ratio:.2f}x); tables {_bytes(self.table_bytes)}")
+        if self.model_error:
+            e = self.model_error
+            lines.append(f"whole-model distillation ({e['steps']} steps): output rel. error "
+                         f"{e['before']:.4f} -> {e['after']:.4f} on {e['held_out_items']} "
+                         f"held-out calibration item(s)")
         for s in self.skipped:
             lines.append(f"skipped {s.location}: {s.reason}")
         return "\n".join(lines)

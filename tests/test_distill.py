@@ -9,7 +9,7 @@ from torch import nn
 from lookupc import LookupConfig, LookupFFN
 from lookupc.calibration import calibration_items, run_item
 from lookupc.distill import (DistillOptions, finetune, fit_lookup_ffn, hash_target,
-                             relative_error, solve_tables)
+                             hidden_target, relative_error, solve_tables)
 from lookupc.errors import LookupcInputError
 
 FAST = dict(progress=False, hash_steps=60, finetune_steps=40, batch_tokens=512)
@@ -65,6 +65,37 @@ def test_hash_target_is_whitened_projection_of_preactivations():
     # the leading coordinates are decorrelated principal components
     cov = torch.cov(t[:, :8].T)
     assert (cov - torch.diag(cov.diagonal())).abs().max() < 1e-2
+
+
+def test_hidden_target_is_the_most_important_units_preactivations():
+    dense = _dense()
+    with torch.no_grad():  # units 0..9 carry nothing to the output, unit 5 of fc1 is huge
+        dense[2].weight[:, :10] = 0.0
+        dense[0].weight[20] *= 50.0
+    x, _ = _data(dense)
+    t = hidden_target(x, 24, dense[0], dense[2])
+    with torch.no_grad():
+        u = dense[0](x)
+    picked = [int(torch.argmin((u - t[:, j:j + 1]).abs().amax(0))) for j in range(24)]
+    torch.testing.assert_close(t, u[:, picked])  # not centred, not whitened
+    assert picked[0] == 20 and not set(picked) & set(range(10)), picked
+    assert len(set(picked)) == 24
+    # wider than the hidden layer: every unit, then unit-norm mixtures of them
+    wide = hidden_target(x, 160, dense[0], dense[2], scale=0.5)
+    assert wide.shape == (x.shape[0], 160)
+    assert torch.isfinite(wide).all()
+
+
+def test_finetune_moves_the_hash_by_its_own_learning_rate():
+    dense = _dense()
+    x, y = _data(dense, n=1024)
+    frozen, moving = _lookup(), _lookup()
+    w0 = frozen.bh4_weight.detach().clone()
+    finetune(frozen, x, y, steps=5, lr=1e-3, hash_lr=0.0, batch=256)
+    finetune(moving, x, y, steps=5, lr=1e-3, hash_lr=1e-3, batch=256)
+    torch.testing.assert_close(frozen.bh4_weight.detach(), w0)
+    assert not torch.equal(moving.bh4_weight.detach(), w0)
+    assert not torch.equal(frozen.tables.detach(), _lookup().tables.detach())
 
 
 def test_distillation_beats_random_init_and_adam_only():
