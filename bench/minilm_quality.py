@@ -13,7 +13,7 @@ trade-off plot (cosine and agreement vs FLOPs reduction)::
 
     python bench/minilm_quality.py                    # default sweep, a few minutes
     python bench/minilm_quality.py --quick            # smallest sizes (smoke test)
-    python bench/minilm_quality.py --configs 128,4,64 256,4,32 --calib 3000
+    python bench/minilm_quality.py --configs 128,4,64 256,4,32 --calib 3000 --model-steps 300
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import lookupc  # noqa: E402
 from lookupc.textdata import docstring_sentences  # noqa: E402
 
-DEFAULT_CONFIGS = ["64,4,64", "128,4,64", "256,4,32"]
+DEFAULT_CONFIGS = ["512,1,32", "128,4,32"]
 
 
 def load_minilm():
@@ -111,6 +111,7 @@ def run_config(model, example, calib, held, base_emb, cfg, init, opts) -> dict:
         "time_ratio": dense_t / lookup_t,
         "table_mib": rep.table_bytes / 2**20,
         "rel_errors": [m.rel_error for m in rep.matched],
+        "model_error": rep.model_error,
         "convert_seconds": fit_s,
     }
 
@@ -145,8 +146,11 @@ def parse_args(argv=None):
     p.add_argument("--calib", type=int, default=1500, help="calibration sentences")
     p.add_argument("--eval", type=int, default=400, help="held-out sentences")
     p.add_argument("--max-tokens", type=int, default=24576, help="calibration tokens per layer")
-    p.add_argument("--hash-steps", type=int, default=100)
-    p.add_argument("--finetune-steps", type=int, default=40)
+    p.add_argument("--hash-steps", type=int, default=200)
+    p.add_argument("--hash-source", default="hidden", choices=("hidden", "preact", "input"))
+    p.add_argument("--finetune-steps", type=int, default=0)
+    p.add_argument("--model-steps", type=int, default=200,
+                   help="whole-model distillation steps (one calibration batch each)")
     p.add_argument("--ridge", type=float, default=1e-2)
     p.add_argument("--batch", type=int, default=32, help="sentences per forward")
     p.add_argument("--max-length", type=int, default=64)
@@ -160,6 +164,7 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.quick:
         a.calib, a.eval, a.max_tokens, a.hash_steps, a.finetune_steps = 200, 100, 4096, 20, 0
+        a.model_steps = 10
         a.configs = a.configs[:1]
     return a
 
@@ -173,8 +178,9 @@ def main(argv=None) -> list[dict]:
     held = batches(tok, docstring_sentences(a.eval, offset=a.calib), a.batch, a.max_length)
     base = embed(model, held)
     example = calib[0]
-    opts = dict(max_tokens=a.max_tokens, hash_steps=a.hash_steps,
-                finetune_steps=a.finetune_steps, ridge=a.ridge, progress=not a.no_progress)
+    opts = dict(max_tokens=a.max_tokens, hash_steps=a.hash_steps, hash_source=a.hash_source,
+                finetune_steps=a.finetune_steps, model_steps=a.model_steps, ridge=a.ridge,
+                progress=not a.no_progress)
     rows = []
     with lookupc.set_schedule(a.schedule):
         for spec in a.configs:
@@ -187,13 +193,15 @@ def main(argv=None) -> list[dict]:
                       f"{row['top1_agreement']:.3f}  FLOPs /{row['flops_ratio']:.2f}  time "
                       f"/{row['time_ratio']:.2f}  ({row['convert_seconds']:.0f} s)", flush=True)
     print(f"\n{'tables':>6} {'bits':>4} {'block':>5} {'init':>7} {'cosine':>7} {'top1':>6} "
-          f"{'FLOPs/':>7} {'time/':>6} {'MiB':>6}  rel_error per layer")
+          f"{'FLOPs/':>7} {'time/':>6} {'MiB':>6} {'model err':>13}  rel_error per layer")
     for r in rows:
         c = r["config"]
         errs = " ".join(f"{e:.2f}" for e in r["rel_errors"] if e is not None)
+        me = r.get("model_error") or {}
+        model_err = f"{me['before']:.3f}->{me['after']:.3f}" if me else "-"
         print(f"{c['tables']:>6} {c['bits']:>4} {c['block_size']:>5} {r['init']:>7} "
               f"{r['cosine']:>7.4f} {r['top1_agreement']:>6.3f} {r['flops_ratio']:>7.2f} "
-              f"{r['time_ratio']:>6.2f} {r['table_mib']:>6.1f}  {errs}")
+              f"{r['time_ratio']:>6.2f} {r['table_mib']:>6.1f} {model_err:>13}  {errs}")
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out + ".json", "w") as f:
         json.dump({"args": vars(a), "calib_batches": len(calib), "rows": rows}, f, indent=1)

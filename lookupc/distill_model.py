@@ -9,8 +9,11 @@ parameters of the converted model (everything else frozen) with Adam on
 
 where the teacher is the original model run on the same calibration item (padding
 tokens dropped when the item carries an ``attention_mask``). Every tenth item is
-held out; the relative output error on those items, before and after, is returned
-and recorded in the conversion report.
+held out; the relative output error on those items is checked five times during
+training and the best parameters seen (the start included) are kept, so the
+result is never worse on them than the layer fits it starts from (too large a
+learning rate diverges: MiniLM at lr 1e-3 went from cosine 0.90 to 0.31).
+Gradients are clipped to norm 1.
 """
 
 from __future__ import annotations
@@ -97,7 +100,8 @@ def finetune_model(student: nn.Module, teacher: nn.Module, items: list, *, steps
     Returns
     -------
     dict
-        ``before``/``after``: mean relative output error on the held-out items;
+        ``before``/``after``: mean relative output error on the held-out items
+        (``after`` is that of the kept parameters); ``best_step`` (0: none improved),
         ``steps``, ``seconds``, ``held_out_items``.
     """
     lookups = [m for m in student.modules() if isinstance(m, LookupFFN)]
@@ -120,6 +124,9 @@ def finetune_model(student: nn.Module, teacher: nn.Module, items: list, *, steps
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
+    params = hash_p + table_p
+    best = (stats["before"], 0, [p.detach().clone() for p in params])
+    check_every = max(1, math.ceil(steps / 5))
     try:
         for p, _ in frozen:
             p.requires_grad_(False)
@@ -135,10 +142,18 @@ def finetune_model(student: nn.Module, teacher: nn.Module, items: list, *, steps
                 loss, value = _losses(run_item(student, item, k), target, item)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 sched.step()
-                bar.set_postfix_str(f"rel {value:.4f}")
+                bar.set_postfix_str(f"rel {value:.4f} (held-out best {best[0]:.4f})")
                 bar.update(1)
+                if (step + 1) % check_every == 0 or step + 1 == steps:
+                    err = output_error(student, teacher, held)
+                    if err < best[0]:
+                        best = (err, step + 1, [p.detach().clone() for p in params])
+        with torch.no_grad():
+            for p, b in zip(params, best[2]):
+                p.copy_(b)
     finally:
         for p, flag in frozen:
             p.requires_grad_(flag)
@@ -146,8 +161,6 @@ def finetune_model(student: nn.Module, teacher: nn.Module, items: list, *, steps
             p.grad = None
         student.train(modes[0])
         teacher.train(modes[1])
-    student.eval()
-    stats["after"] = output_error(student, teacher, held)
-    student.train(modes[0])
-    stats.update(steps=steps, seconds=time.perf_counter() - t0)
+    stats.update(after=best[0], best_step=best[1], steps=steps,
+                 seconds=time.perf_counter() - t0)
     return stats

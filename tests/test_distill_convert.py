@@ -111,3 +111,14 @@ def test_wrong_keys_name_the_item():
 def test_unknown_option_is_an_error():
     with pytest.raises(LookupcInputError, match="unknown distill option"):
         _convert("distill", calibration=_calibration(n=1), distill_options={"steps": 3})
+
+
+def test_whole_model_distillation_keeps_the_best_parameters_when_training_diverges():
+    opts = {**OPTS, "finetune_steps": 0, "model_steps": 10, "model_lr": 50.0,
+            "model_hash_lr": 50.0}
+    _, res = _convert("distill", calibration=_calibration(n=20), distill_options=opts)
+    err = res.report.model_error
+    assert err["after"] <= err["before"], err
+    x = _calibration(n=1, seed=9)[0][0]
+    with torch.no_grad():
+        assert torch.isfinite(res.module(x)).all()
