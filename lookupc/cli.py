@@ -134,6 +134,9 @@ def _lookup_options(f):
 
 
 def _convert_options(f):
+    f = click.option("--distill-option", "distill_option", multiple=True, metavar="KEY=VALUE",
+                     help="A lookupc.distill.DistillOptions field for --init distill, e.g. "
+                          "model_steps=100 or hash_source=hidden (repeatable).")(f)
     f = click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the LookupFFN initialisation (conversions are reproducible).")(f)
     f = click.option("--calibration", type=click.Path(dir_okay=False), default=None,
@@ -199,7 +202,29 @@ def _calibration(path: str | None, loaded, init: str):
     return [load_inputs(path)]
 
 
-def _convert(loaded, config, init, calibration, seed):
+def _distill_options(pairs, init: str) -> dict:
+    """``KEY=VALUE`` strings to a dict of Python literals (strings stay strings)."""
+    import ast
+
+    if pairs and init != "distill":
+        raise _usage("--distill-option is only used with --init distill")
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise _usage(f"--distill-option wants KEY=VALUE, got {pair!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    if out:
+        from .distill import DistillOptions
+
+        DistillOptions.from_kwargs(**out)  # unknown keys and bad values fail before loading
+    return out
+
+
+def _convert(loaded, config, init, calibration, seed, distill_options=None):
     import torch
 
     import lookupc
@@ -215,7 +240,7 @@ def _convert(loaded, config, init, calibration, seed):
     torch.manual_seed(seed)
     with _step(f"converting ({init} init)"):
         return lookupc.convert(loaded.module, loaded.example_inputs, config=config, init=init,
-                               calibration=items)
+                               calibration=items, distill_options=distill_options or None)
 
 
 def _print_report(report) -> None:
@@ -286,12 +311,14 @@ def _inspect_artifact(path: str, json_path: str | None) -> None:
 @_model_options
 @_convert_options
 def convert(model, output, batch, seq_len, trust_pickle, tables, bits, block_size, init,
-            calibration, seed):
+            calibration, seed, distill_option):
     """Replace MODEL's FFNs with LookupFFNs and write a torch.export program (.pt2)."""
     if not output.endswith(".pt2"):
         raise _usage(f"-o/--output {output!r} must end in .pt2")
+    options = _distill_options(distill_option, init)
     loaded = _load(model, batch, seq_len, trust_pickle)
-    result = _convert(loaded, _config(tables, bits, block_size), init, calibration, seed)
+    result = _convert(loaded, _config(tables, bits, block_size), init, calibration, seed,
+                      options)
     _print_report(result.report)
     from .model_io import export_program, save_program
 
@@ -333,15 +360,17 @@ def _kind_of_outputs(loaded) -> str:
 @_model_options
 @_convert_options
 def compile_(model, target, output, schedule, tuning_db, force, batch, seq_len, trust_pickle,
-             tables, bits, block_size, init, calibration, seed):
+             tables, bits, block_size, init, calibration, seed, distill_option):
     """Convert MODEL and compile it into a deployable artifact directory for --target."""
     from .targets import parse_target
 
     spec = parse_target(target)
     if schedule == "tuned" and not tuning_db:
         raise _usage("--schedule tuned needs --tuning-db DIR (made by 'lookupc tune')")
+    options = _distill_options(distill_option, init)
     loaded = _load(model, batch, seq_len, trust_pickle)
-    result = _convert(loaded, _config(tables, bits, block_size), init, calibration, seed)
+    result = _convert(loaded, _config(tables, bits, block_size), init, calibration, seed,
+                      options)
     _print_report(result.report)
     from .artifact import compile_artifact
 

@@ -57,6 +57,14 @@ def test_a_bad_path_fails_in_one_line_without_loading_torch():
     (["inspect", "no_such_pkg.mod:factory"], "cannot import module 'no_such_pkg.mod'"),
     (["run", "no/such/artifact"], "no such artifact directory"),
     (["convert", "examples.tiny_bert:factory", "-o", "x.onnx"], "must end in .pt2"),
+    (["convert", "examples.tiny_bert:factory", "-o", "x.pt2", "--distill-option",
+      "model_steps=3"], "only used with --init distill"),
+    (["convert", "examples.tiny_bert:factory", "-o", "x.pt2", "--init", "distill",
+      "--distill-option", "model_step=3"], "unknown distill option(s) ['model_step']"),
+    (["convert", "examples.tiny_bert:factory", "-o", "x.pt2", "--init", "distill",
+      "--distill-option", "model_steps"], "wants KEY=VALUE"),
+    (["convert", "examples.tiny_bert:factory", "-o", "x.pt2", "--init", "distill",
+      "--distill-option", "feed=dense"], "feed must be 'converted' or 'original'"),
 ])
 def test_errors_are_one_line_on_stderr(args, needle):
     result = CliRunner().invoke(cli, args)
@@ -128,3 +136,14 @@ def test_input_file_errors(tmp_path):
     with pytest.raises(LookupcInputError, match="unknown input file type"):
         load_inputs(str(tmp_path / "x.txt"))
 
+
+
+def test_convert_with_distill_options(tmp_path):
+    out = tmp_path / "m.pt2"
+    result = CliRunner().invoke(cli, [
+        "convert", "examples.tiny_bert:factory", "-o", str(out), "--init", "distill",
+        "--distill-option", "hash_steps=5", "--distill-option", "finetune_steps=0",
+        "--distill-option", "model_steps=2", "--distill-option", "progress=False"])
+    assert result.exit_code == 0, result.output
+    assert "whole-model distillation (2 steps)" in result.stdout
+    assert out.exists()

@@ -16,7 +16,7 @@ pytestmark = [
 ]
 
 
-def _run(inits):
+def _run(inits, cfg=(256, 1, 32), sentences=200, hash_steps=100):
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import minilm_quality as mq
 
@@ -25,26 +25,22 @@ def _run(inits):
 
     torch.manual_seed(0)
     tok, model = mq.load_minilm()
-    calib = mq.batches(tok, docstring_sentences(120), 24, 48)
-    held = mq.batches(tok, docstring_sentences(60, offset=120), 30, 48)
+    calib = mq.batches(tok, docstring_sentences(sentences), 24, 48)
+    held = mq.batches(tok, docstring_sentences(60, offset=sentences), 30, 48)
     base = mq.embed(model, held)
-    cfg = lookupc.LookupConfig(tables=64, bits=4, block_size=64)
-    opts = dict(max_tokens=2048, hash_steps=0, finetune_steps=0, ridge=1e-2, progress=False)
+    cfg = lookupc.LookupConfig(tables=cfg[0], bits=cfg[1], block_size=cfg[2])
+    opts = dict(max_tokens=4096, hash_steps=hash_steps, finetune_steps=0, ridge=1e-2,
+                progress=False)
     return {init: mq.run_config(model, calib[0], calib, held, base, cfg, init, opts)
             for init in inits}
 
 
-def test_short_minilm_distillation_fits_every_layer():
-    row = _run(("distill",))["distill"]
+def test_short_minilm_distillation_beats_random_init_and_fits_every_layer():
+    rows = _run(("random", "distill"))
+    row = rows["distill"]
     assert row["flops_ratio"] > 4
     assert len(row["rel_errors"]) == 6
     assert all(e is not None and e < 0.6 for e in row["rel_errors"]), row["rel_errors"]
-
-
-@pytest.mark.xfail(reason="measured 14:25 UTC with --quick sizes (200 calibration sentences, "
-                          "64x4-bit tables): distilled cosine 0.37 vs random init 0.43 (FFNs "
-                          "dropped: 0.48); small calibration sets overfit the table rows",
-                   strict=False)
-def test_short_minilm_distillation_beats_random_init():
-    rows = _run(("random", "distill"))
-    assert rows["distill"]["cosine"] > rows["random"]["cosine"] + 0.05, rows
+    # measured (200 sentences, 256 1-bit tables, block 32, 100 hash steps): see the note
+    assert row["cosine"] > rows["random"]["cosine"] + 0.2, rows
+    assert row["top1_agreement"] > rows["random"]["top1_agreement"], rows
