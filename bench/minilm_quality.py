@@ -14,6 +14,9 @@ trade-off plot (cosine and agreement vs FLOPs reduction)::
     python bench/minilm_quality.py                    # default sweep, a few minutes
     python bench/minilm_quality.py --quick            # smallest sizes (smoke test)
     python bench/minilm_quality.py --configs 128,4,64 256,4,32 --calib 3000 --model-steps 300
+
+"time/" is dense / LookupFFN time with the PyTorch reference ops, "t/tvm" with the
+TVM CPU kernels (``--time-schedule cpu``), both on 4096 tokens in the same process.
 """
 
 from __future__ import annotations
@@ -76,9 +79,14 @@ def top1_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((nn_idx(a) == nn_idx(b)).float().mean())
 
 
-def time_ffn(rep, tokens: int = 4096, repeat: int = 5) -> tuple[float, float]:
-    """Median seconds of one dense FFN and its LookupFFN on ``tokens`` random inputs."""
+def time_ffn(rep, tokens: int = 4096, repeat: int = 5,
+             schedule: str | None = None) -> tuple[float, float]:
+    """Median seconds of one dense FFN and its LookupFFN on ``tokens`` random inputs
+    (the LookupFFN under ``schedule`` when given: "cpu" is the TVM hand schedule)."""
     x = torch.randn(tokens, rep.lookup.d_in)
+    if schedule is not None:
+        with lookupc.set_schedule(schedule):
+            return time_ffn(rep, tokens, repeat)
 
     def med(f):
         ts = []
@@ -92,7 +100,8 @@ def time_ffn(rep, tokens: int = 4096, repeat: int = 5) -> tuple[float, float]:
     return med(rep.dense), med(rep.lookup)
 
 
-def run_config(model, example, calib, held, base_emb, cfg, init, opts) -> dict:
+def run_config(model, example, calib, held, base_emb, cfg, init, opts,
+               time_schedule: str | None = None) -> dict:
     t0 = time.perf_counter()
     kw = dict(calibration=calib, distill_options=opts) if init == "distill" else {}
     res = lookupc.convert(model, example, config=cfg, init=init, **kw)
@@ -100,6 +109,11 @@ def run_config(model, example, calib, held, base_emb, cfg, init, opts) -> dict:
     emb = embed(res.module, held)
     rep = res.report
     dense_t, lookup_t = time_ffn(res.replacements[0])
+    timed = {}
+    if time_schedule:
+        d_t, l_t = time_ffn(res.replacements[0], schedule=time_schedule)
+        timed = {"time_schedule": time_schedule, "ffn_time_dense_tvm_run_s": d_t,
+                 "ffn_time_lookup_tvm_s": l_t, "time_ratio_tvm": d_t / l_t}
     return {
         "config": cfg.to_dict(), "init": init,
         "cosine": float((emb * base_emb).sum(1).mean()),
@@ -108,12 +122,72 @@ def run_config(model, example, calib, held, base_emb, cfg, init, opts) -> dict:
         "ffn_flops_dense": rep.flops_before, "ffn_flops_lookup": rep.flops_after,
         "flops_ratio": rep.flops_before / rep.flops_after,
         "ffn_time_dense_s": dense_t, "ffn_time_lookup_s": lookup_t,
-        "time_ratio": dense_t / lookup_t,
+        "time_ratio": dense_t / lookup_t, **timed,
         "table_mib": rep.table_bytes / 2**20,
         "rel_errors": [m.rel_error for m in rep.matched],
         "model_error": rep.model_error,
         "convert_seconds": fit_s,
     }
+
+
+def pruned_dense_row(model, calib, held, base_emb, keep: int, max_tokens: int) -> dict:
+    """Baseline: every dense FFN pruned to its ``keep`` most important hidden units.
+
+    Importance of hidden unit j: ``||W2[:, j]|| * std(GELU(u_j))`` on the calibration
+    tokens (the same ranking the "hidden" hash uses); W2 and b2 are refitted by ridge
+    least squares to the full FFN's outputs on those tokens (dense model's activations).
+    An unstructured FFN with ``keep`` hidden units costs ``d_hidden / keep`` times fewer
+    FLOPs; this is what layer-by-layer least-squares fitting reaches with a plain MLP.
+    """
+    import copy
+
+    import torch.nn.functional as F
+
+    layers = model.encoder.layer
+    xs = [[] for _ in layers]
+    ys = [[] for _ in layers]
+    state = {}
+    hooks = []
+    for i, layer in enumerate(layers):
+        hooks.append(layer.intermediate.dense.register_forward_hook(
+            lambda m, a, o, i=i: xs[i].append(a[0][state["mask"]])))
+        hooks.append(layer.output.dense.register_forward_hook(
+            lambda m, a, o, i=i: ys[i].append(o[state["mask"]])))
+    with torch.no_grad():
+        n = 0
+        for item in calib:
+            if n >= max_tokens:
+                break
+            state["mask"] = item["attention_mask"].bool()
+            model(**item)
+            n += int(state["mask"].sum())
+    for h in hooks:
+        h.remove()
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():
+        for i, layer in enumerate(pruned.encoder.layer):
+            x, y = torch.cat(xs[i])[:max_tokens], torch.cat(ys[i])[:max_tokens]
+            fc1, fc2 = layer.intermediate.dense, layer.output.dense
+            g = F.gelu(x @ fc1.weight.T + fc1.bias)
+            sel = torch.argsort(fc2.weight.norm(dim=0) * g.std(0), descending=True)[:keep]
+            a = torch.cat([g[:, sel], torch.ones(len(g), 1)], 1).double()
+            gram = a.T @ a
+            gram.diagonal()[:-1] += 1e-3 * float(gram.diagonal()[:-1].mean())
+            sol = torch.linalg.solve(gram, a.T @ y.double()).float()
+            new1, new2 = torch.nn.Linear(fc1.in_features, keep), torch.nn.Linear(keep,
+                                                                                fc2.out_features)
+            new1.weight.copy_(fc1.weight[sel])
+            new1.bias.copy_(fc1.bias[sel])
+            new2.weight.copy_(sol[:-1].T)
+            new2.bias.copy_(sol[-1])
+            layer.intermediate.dense, layer.output.dense = new1, new2
+    emb = embed(pruned, held)
+    d_hidden = model.config.intermediate_size
+    return {"config": {"pruned_dense_hidden": keep}, "init": f"pruned-{keep}",
+            "cosine": float((emb * base_emb).sum(1).mean()),
+            "cosine_min": float((emb * base_emb).sum(1).min()),
+            "top1_agreement": top1_agreement(base_emb, emb),
+            "flops_ratio": d_hidden / keep, "rel_errors": []}
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -122,9 +196,9 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for init, marker in (("distill", "o"), ("random", "x")):
+    for init, marker in (("distill", "o"), ("random", "x"), ("pruned", "s")):
         pts = sorted((r["flops_ratio"], r["cosine"], r["top1_agreement"]) for r in rows
-                     if r["init"] == init)
+                     if r["init"].startswith(init))
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=f"cosine ({init})")
             ax.plot([p[0] for p in pts], [p[2] for p in pts], marker=marker, ls="--",
@@ -156,7 +230,14 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--random-baseline", action="store_true",
                    help="also convert each config with random init")
-    p.add_argument("--schedule", default="auto", help="lookupc schedule for the timing")
+    p.add_argument("--schedule", default="auto",
+                   help="lookupc schedule while distilling and evaluating (auto: reference ops)")
+    p.add_argument("--time-schedule", default="cpu",
+                   help="also time the LookupFFN under this schedule ('cpu': TVM hand "
+                        "schedule; '' skips)")
+    p.add_argument("--pruned-baseline", type=int, nargs="*", default=[768, 512, 384],
+                   help="also measure the dense FFNs pruned to these hidden widths, W2 refitted "
+                        "(the layer-wise least-squares reference; none: skip)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="bench/results/minilm_quality")
@@ -164,7 +245,7 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.quick:
         a.calib, a.eval, a.max_tokens, a.hash_steps, a.finetune_steps = 200, 100, 4096, 20, 0
-        a.model_steps = 10
+        a.model_steps, a.pruned_baseline = 10, [512]
         a.configs = a.configs[:1]
     return a
 
@@ -181,27 +262,41 @@ def main(argv=None) -> list[dict]:
     opts = dict(max_tokens=a.max_tokens, hash_steps=a.hash_steps, hash_source=a.hash_source,
                 finetune_steps=a.finetune_steps, model_steps=a.model_steps, ridge=a.ridge,
                 progress=not a.no_progress)
+    baselines = []
+    for keep in a.pruned_baseline:
+        row = pruned_dense_row(model, calib, held, base, keep, a.max_tokens)
+        baselines.append(row)
+        print(f"pruned dense FFN ({keep} hidden): cosine {row['cosine']:.4f}  top1 "
+              f"{row['top1_agreement']:.3f}  FLOPs /{row['flops_ratio']:.2f}", flush=True)
     rows = []
     with lookupc.set_schedule(a.schedule):
         for spec in a.configs:
             h, bits, bs = (int(v) for v in spec.split(","))
             cfg = lookupc.LookupConfig(tables=h, bits=bits, block_size=bs)
             for init in ("distill", "random") if a.random_baseline else ("distill",):
-                row = run_config(model, example, calib, held, base, cfg, init, opts)
+                row = run_config(model, example, calib, held, base, cfg, init, opts,
+                                 a.time_schedule or None)
                 rows.append(row)
                 print(f"{spec:>10} {init:>7}: cosine {row['cosine']:.4f}  top1 "
                       f"{row['top1_agreement']:.3f}  FLOPs /{row['flops_ratio']:.2f}  time "
                       f"/{row['time_ratio']:.2f}  ({row['convert_seconds']:.0f} s)", flush=True)
+    rows += baselines
     print(f"\n{'tables':>6} {'bits':>4} {'block':>5} {'init':>7} {'cosine':>7} {'top1':>6} "
-          f"{'FLOPs/':>7} {'time/':>6} {'MiB':>6} {'model err':>13}  rel_error per layer")
+          f"{'FLOPs/':>7} {'time/':>6} {'t/tvm':>6} {'MiB':>6} {'model err':>13}  "
+          f"rel_error per layer")
     for r in rows:
         c = r["config"]
+        if "pruned_dense_hidden" in c:
+            print(f"{'pruned dense, ' + str(c['pruned_dense_hidden']) + ' hidden':>24} "
+                  f"{r['cosine']:>7.4f} {r['top1_agreement']:>6.3f} {r['flops_ratio']:>7.2f}")
+            continue
         errs = " ".join(f"{e:.2f}" for e in r["rel_errors"] if e is not None)
         me = r.get("model_error") or {}
         model_err = f"{me['before']:.3f}->{me['after']:.3f}" if me else "-"
         print(f"{c['tables']:>6} {c['bits']:>4} {c['block_size']:>5} {r['init']:>7} "
               f"{r['cosine']:>7.4f} {r['top1_agreement']:>6.3f} {r['flops_ratio']:>7.2f} "
-              f"{r['time_ratio']:>6.2f} {r['table_mib']:>6.1f} {model_err:>13}  {errs}")
+              f"{r['time_ratio']:>6.2f} {r.get('time_ratio_tvm', float('nan')):>6.2f} "
+              f"{r['table_mib']:>6.1f} {model_err:>13}  {errs}")
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out + ".json", "w") as f:
         json.dump({"args": vars(a), "calib_batches": len(calib), "rows": rows}, f, indent=1)
