@@ -41,6 +41,7 @@ def test_short_minilm_distillation_beats_random_init_and_fits_every_layer():
     assert row["flops_ratio"] > 4
     assert len(row["rel_errors"]) == 6
     assert all(e is not None and e < 0.6 for e in row["rel_errors"]), row["rel_errors"]
-    # measured (200 sentences, 256 1-bit tables, block 32, 100 hash steps): see the note
+    # measured (200 sentences, 256 1-bit tables, block 32, 100 hash steps, 60 held-out
+    # sentences): random init cosine 0.297 / top-1 0.20, distilled 0.815 / 0.53
     assert row["cosine"] > rows["random"]["cosine"] + 0.2, rows
     assert row["top1_agreement"] > rows["random"]["top1_agreement"], rows
