@@ -196,9 +196,9 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for init, marker in (("distill", "o"), ("random", "x"), ("pruned", "s")):
+    for init, marker in (("distill", "o"), ("random", "x"), ("pruned dense FFN", "s")):
         pts = sorted((r["flops_ratio"], r["cosine"], r["top1_agreement"]) for r in rows
-                     if r["init"].startswith(init))
+                     if r["init"].startswith(init.split()[0]))
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=f"cosine ({init})")
             ax.plot([p[0] for p in pts], [p[2] for p in pts], marker=marker, ls="--",
