@@ -102,7 +102,8 @@ def finetune_model(student: nn.Module, teacher: nn.Module, items: list, *, steps
     dict
         ``before``/``after``: mean relative output error on the held-out items
         (``after`` is that of the kept parameters); ``best_step`` (0: none improved),
-        ``steps``, ``seconds``, ``held_out_items``.
+        ``steps``, ``seconds``, ``held_out_items`` (0 with fewer than 10 items: then
+        ``before``/``after`` are measured on the ``eval_items`` training items).
     """
     lookups = [m for m in student.modules() if isinstance(m, LookupFFN)]
     if not lookups or steps <= 0:
@@ -117,7 +118,8 @@ def finetune_model(student: nn.Module, teacher: nn.Module, items: list, *, steps
     student.eval()
     teacher.eval()
     t0 = time.perf_counter()
-    stats = {"held_out_items": len(held), "before": output_error(student, teacher, held)}
+    stats = {"held_out_items": len(held) if len(items) >= 10 else 0, "eval_items": len(held),
+             "before": output_error(student, teacher, held)}
     from tqdm.auto import tqdm
 
     opt = torch.optim.Adam([{"params": hash_p, "lr": hash_lr}, {"params": table_p, "lr": lr}])

@@ -98,9 +98,11 @@ class ConversionReport:
                          f"(dense/lookup {ratio:.2f}x); tables {_bytes(self.table_bytes)}")
         if self.model_error:
             e = self.model_error
+            where = (f"{e['held_out_items']} held-out calibration item(s)" if e["held_out_items"]
+                     else f"its {e.get('eval_items', '?')} training item(s) (under 10 items: none "
+                          f"held out)")
             lines.append(f"whole-model distillation ({e['steps']} steps): output rel. error "
-                         f"{e['before']:.4f} -> {e['after']:.4f} on {e['held_out_items']} "
-                         f"held-out calibration item(s)")
+                         f"{e['before']:.4f} -> {e['after']:.4f} on {where}")
         for s in self.skipped:
             lines.append(f"skipped {s.location}: {s.reason}")
         return "\n".join(lines)

@@ -146,4 +146,5 @@ def test_convert_with_distill_options(tmp_path):
         "--distill-option", "model_steps=2", "--distill-option", "progress=False"])
     assert result.exit_code == 0, result.output
     assert "whole-model distillation (2 steps)" in result.stdout
+    assert "its 1 training item(s) (under 10 items: none held out)" in result.stdout
     assert out.exists()
