@@ -11,7 +11,7 @@ sentences, then on a disjoint held-out set of sentences measures
 for a sweep of configs (tables, bits, block size). Prints a table, writes JSON and a
 trade-off plot (cosine and agreement vs FLOPs reduction)::
 
-    python bench/minilm_quality.py                    # default sweep, a few minutes
+    python bench/minilm_quality.py                    # default sweep, ~35 min on 2 cores
     python bench/minilm_quality.py --quick            # smallest sizes (smoke test)
     python bench/minilm_quality.py --configs 128,4,64 256,4,32 --calib 3000 --model-steps 300
 
@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import lookupc  # noqa: E402
 from lookupc.textdata import docstring_sentences  # noqa: E402
 
-DEFAULT_CONFIGS = ["512,1,32", "128,4,32"]
+DEFAULT_CONFIGS = ["512,1,32", "256,2,32", "128,4,32"]
 
 
 def load_minilm():
@@ -217,13 +217,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS,
                    help="tables,bits,block_size triples (default: %(default)s)")
-    p.add_argument("--calib", type=int, default=1500, help="calibration sentences")
+    p.add_argument("--calib", type=int, default=3000, help="calibration sentences")
     p.add_argument("--eval", type=int, default=400, help="held-out sentences")
-    p.add_argument("--max-tokens", type=int, default=24576, help="calibration tokens per layer")
+    p.add_argument("--max-tokens", type=int, default=40000, help="calibration tokens per layer")
     p.add_argument("--hash-steps", type=int, default=200)
     p.add_argument("--hash-source", default="hidden", choices=("hidden", "preact", "input"))
     p.add_argument("--finetune-steps", type=int, default=0)
-    p.add_argument("--model-steps", type=int, default=200,
+    p.add_argument("--model-steps", type=int, default=150,
                    help="whole-model distillation steps (one calibration batch each)")
     p.add_argument("--ridge", type=float, default=1e-2)
     p.add_argument("--batch", type=int, default=32, help="sentences per forward")
