@@ -134,8 +134,9 @@ def pruned_dense_row(model, calib, held, base_emb, keep: int, max_tokens: int) -
     """Baseline: every dense FFN pruned to its ``keep`` most important hidden units.
 
     Importance of hidden unit j: ``||W2[:, j]|| * std(GELU(u_j))`` on the calibration
-    tokens (the same ranking the "hidden" hash uses); W2 and b2 are refitted by ridge
-    least squares to the full FFN's outputs on those tokens (dense model's activations).
+    tokens (``lookupc.distill.hidden_unit_order``, the ranking the "hidden" hash uses); W2
+    and b2 are refitted by ridge least squares to the full FFN's outputs on those tokens
+    (the dense model's activations, captured by ``lookupc.distill.capture_inputs``).
     An unstructured FFN with ``keep`` hidden units costs ``d_hidden / keep`` times fewer
     FLOPs; this is what layer-by-layer least-squares fitting reaches with a plain MLP.
     """
@@ -143,33 +144,17 @@ def pruned_dense_row(model, calib, held, base_emb, keep: int, max_tokens: int) -
 
     import torch.nn.functional as F
 
-    layers = model.encoder.layer
-    xs = [[] for _ in layers]
-    ys = [[] for _ in layers]
-    state = {}
-    hooks = []
-    for i, layer in enumerate(layers):
-        hooks.append(layer.intermediate.dense.register_forward_hook(
-            lambda m, a, o, i=i: xs[i].append(a[0][state["mask"]])))
-        hooks.append(layer.output.dense.register_forward_hook(
-            lambda m, a, o, i=i: ys[i].append(o[state["mask"]])))
-    with torch.no_grad():
-        n = 0
-        for item in calib:
-            if n >= max_tokens:
-                break
-            state["mask"] = item["attention_mask"].bool()
-            model(**item)
-            n += int(state["mask"].sum())
-    for h in hooks:
-        h.remove()
+    from lookupc.distill import capture_inputs, hidden_unit_order
+
+    xs = capture_inputs(model, [layer.intermediate.dense for layer in model.encoder.layer],
+                        calib, max_tokens)
     pruned = copy.deepcopy(model)
     with torch.no_grad():
-        for i, layer in enumerate(pruned.encoder.layer):
-            x, y = torch.cat(xs[i])[:max_tokens], torch.cat(ys[i])[:max_tokens]
+        for x, layer in zip(xs, pruned.encoder.layer):
             fc1, fc2 = layer.intermediate.dense, layer.output.dense
-            g = F.gelu(x @ fc1.weight.T + fc1.bias)
-            sel = torch.argsort(fc2.weight.norm(dim=0) * g.std(0), descending=True)[:keep]
+            g = F.gelu(fc1(x))
+            y = fc2(g)
+            sel = hidden_unit_order(g, fc2)[:keep]
             a = torch.cat([g[:, sel], torch.ones(len(g), 1)], 1).double()
             gram = a.T @ a
             gram.diagonal()[:-1] += 1e-3 * float(gram.diagonal()[:-1].mean())

@@ -42,7 +42,7 @@ from .module import LookupFFN
 
 __all__ = ["DistillOptions", "fit_lookup_ffn", "fit_hash", "solve_tables", "finetune",
            "relative_error", "hash_target", "hidden_target", "distill_conversion",
-           "first_linear", "last_linear"]
+           "first_linear", "last_linear", "capture_inputs", "hidden_unit_order"]
 
 
 @dataclass(frozen=True)
@@ -181,6 +181,15 @@ def last_linear(dense: nn.Module | None) -> nn.Linear | None:
     return linears[-1] if len(linears) >= 2 else None
 
 
+def hidden_unit_order(g: Tensor, fc2: nn.Linear | None = None) -> Tensor:
+    """Hidden units by decreasing importance ``||fc2.weight[:, j]|| * std(g_j)``, where
+    ``g`` [N, d_hidden] are the GELU activations (``std`` alone without a matching fc2)."""
+    imp = g.std(0)
+    if fc2 is not None and fc2.in_features == g.shape[1]:
+        imp = imp * fc2.weight.norm(dim=0).to(imp)
+    return torch.argsort(imp, descending=True)
+
+
 def hidden_target(x: Tensor, width: int, fc1: nn.Linear, fc2: nn.Linear | None = None,
                   scale: float = 1.0, batch: int = 8192) -> Tensor:
     """The code target [N, width]: pre-activations of the ``width`` most important hidden units.
@@ -193,12 +202,7 @@ def hidden_target(x: Tensor, width: int, fc1: nn.Linear, fc2: nn.Linear | None =
     """
     with torch.no_grad():
         u = torch.cat([fc1(x[i:i + batch]) for i in range(0, x.shape[0], batch)])
-        g = nn.functional.gelu(u)
-        imp = g.std(0)
-        if fc2 is not None and fc2.in_features == u.shape[1]:
-            imp = imp * fc2.weight.norm(dim=0).to(imp)
-        order = torch.argsort(imp, descending=True)[:width]
-        t = u[:, order]
+        t = u[:, hidden_unit_order(nn.functional.gelu(u), fc2)[:width]]
         if t.shape[1] < width:
             gen = torch.Generator().manual_seed(width)
             mix = torch.randn(t.shape[1], width - t.shape[1], generator=gen)
@@ -537,8 +541,8 @@ def _slot_of(root: nn.Module, rep: Any) -> str:
     raise LookupcInputError(f"replacement {rep.name!r}: its LookupFFN is not inside result.module")
 
 
-def _capture(model: nn.Module, modules: list[nn.Module], items: list, max_tokens: int,
-             stop: bool) -> list[Tensor]:
+def capture_inputs(model: nn.Module, modules: list[nn.Module], items: list, max_tokens: int,
+                   stop: bool = False) -> list[Tensor]:
     """Inputs of each of ``modules`` over the calibration items (each capped at max_tokens)."""
     caps = [ActivationCapture(m, max_tokens, stop=stop) for m in modules]
     for c in caps:
@@ -645,7 +649,7 @@ def distill_conversion(result: Any, original_model: nn.Module, calibration: Any,
             for i, rep in enumerate(reps):
                 bar.set_description(f"distill {rep.name}")
                 x = pre[i] if pre is not None else \
-                    _capture(module, [rep.lookup], items, opts.max_tokens, stop=True)[0]
+                    capture_inputs(module, [rep.lookup], items, opts.max_tokens, stop=True)[0]
                 if x.shape[0] < 2:
                     raise LookupcInputError(
                         f"calibration gave {x.shape[0]} token(s) for FFN {rep.name!r}; need >= 2 "
@@ -673,7 +677,7 @@ def _capture_original(module: nn.Module, reps: list, slots: list[str], items: li
     """Inputs of every FFN in the dense model: slots temporarily hold the dense modules."""
     olds = [_set_submodule(module, s, r.dense) for s, r in zip(slots, reps)]
     try:
-        return _capture(module, [r.dense for r in reps], items, opts.max_tokens, stop=False)
+        return capture_inputs(module, [r.dense for r in reps], items, opts.max_tokens, stop=False)
     finally:
         for s, old in zip(slots, olds):
             _set_submodule(module, s, old)

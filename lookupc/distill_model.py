@@ -159,7 +159,7 @@ def finetune_model(student: nn.Module, teacher: nn.Module, items: list, *, steps
     finally:
         for p, flag in frozen:
             p.requires_grad_(flag)
-        for p in hash_p + table_p:
+        for p in params:
             p.grad = None
         student.train(modes[0])
         teacher.train(modes[1])
