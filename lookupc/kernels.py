@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import num_repeats, padded_width
+from .errors import LookupcInputError
 
 __all__ = ["KernelShapes", "Kernels", "Library", "build", "export_library", "load_library",
            "tune", "fold_weight", "cache_info", "clear_memory_cache", "cache_dir"]
@@ -256,6 +257,10 @@ def _resolve(target: Any, schedule: str, tuning_db: str | None):
     from .schedules.registry import get_schedule
 
     tgt = tvm_shim.make_target(target)
+    if not isinstance(schedule, str):  # a schedule object (e.g. CpuSchedule(lanes=16))
+        if not schedule.applies_to(tgt):
+            raise LookupcInputError(f"schedule {schedule.name!r} does not apply to {tgt}")
+        return tgt, schedule
     return tgt, get_schedule(schedule, tgt, tuning_db)
 
 
@@ -290,13 +295,15 @@ def _cache_key(funcs: dict, tgt: Any, sched: Any, extra: str = "") -> str:
     return h.hexdigest()[:32]
 
 
-def _compile(funcs: dict, tgt: Any):
+def _compile(funcs: dict, tgt: Any, sched: Any):
+    """Compile the scheduled PrimFuncs; a schedule may adjust the codegen target."""
     from . import tvm_shim
 
     tvm = tvm_shim.tvm
     mod = tvm.IRModule({sym: make().with_attr("global_symbol", sym)
                         for sym, (_, make) in funcs.items()})
-    return tvm_shim.compile_module(mod, tgt)
+    codegen_target = getattr(sched, "codegen_target", None)
+    return tvm_shim.compile_module(mod, codegen_target(tgt) if codegen_target else tgt)
 
 
 def _build_module(shapes: KernelShapes, tgt: Any, sched: Any, parts) -> Any:
@@ -307,7 +314,7 @@ def _build_module(shapes: KernelShapes, tgt: Any, sched: Any, parts) -> Any:
     root = cache_dir()
     if root is None:
         _STATS["builds"] += 1
-        return _compile(funcs, tgt)
+        return _compile(funcs, tgt, sched)
     path = os.path.join(root, _cache_key(funcs, tgt, sched) + ".so")
     if os.path.exists(path):
         try:
@@ -317,7 +324,7 @@ def _build_module(shapes: KernelShapes, tgt: Any, sched: Any, parts) -> Any:
         except Exception:  # noqa: BLE001 - a corrupt cache entry is rebuilt below
             pass
     _STATS["builds"] += 1
-    executable = _compile(funcs, tgt)
+    executable = _compile(funcs, tgt, sched)
     try:
         os.makedirs(root, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp.so"
@@ -338,8 +345,9 @@ def build(lookup_shapes: KernelShapes, target: Any = None, schedule: str = "cpu"
         Sizes of the LookupFFN (``KernelShapes.of(module)``).
     target : None, dict or tvm.target.Target
         CPU target; None = this host (``mcpu`` detected by LLVM).
-    schedule : str
-        ``"naive"``, ``"cpu"``/``"hand"`` or ``"tuned"``.
+    schedule : str or schedule object
+        ``"naive"``, ``"cpu"``/``"hand"`` or ``"tuned"``, or a schedule object such as
+        ``lookupc.schedules.cpu.CpuSchedule(lanes=16)``.
     tuning_db : str, optional
         MetaSchedule work directory for ``"tuned"``.
     parts : tuple of str
@@ -383,7 +391,7 @@ def export_library(shapes_list, target: Any, schedule: str, path: str,
         funcs.update(_prim_funcs(shapes, sched, tgt, ("gather", "hash")))
     if not funcs:
         raise ValueError("export_library needs at least one KernelShapes")
-    executable = _compile(funcs, tgt)
+    executable = _compile(funcs, tgt, sched)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tvm_shim.export_library(executable, path)
     return path

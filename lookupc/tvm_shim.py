@@ -38,7 +38,7 @@ from .errors import LookupcInputError  # noqa: E402
 __all__ = [
     "tvm", "Schedule", "tvm_version", "host_cpu", "host_triple", "llvm_get_system_cpu",
     "llvm_is_valid_cpu", "is_valid_cpu", "make_target", "target_mcpu", "is_cpu_target",
-    "vector_lanes", "compile_module", "export_library", "load_module", "setup_threads",
+    "vector_lanes", "with_llvm_options", "compile_module", "export_library", "load_module", "setup_threads",
     "num_threads", "to_tvm", "script_of",
 ]
 
@@ -150,6 +150,20 @@ def vector_lanes(target: "tvm.target.Target", bits: int = 32) -> int:
     else:
         width = 128
     return max(1, width // bits)
+
+
+def with_llvm_options(target: "tvm.target.Target", options) -> "tvm.target.Target":
+    """``target`` with LLVM command-line options added (TVM 0.27's ``cl-opt`` attribute).
+
+    Options use TVM's typed form, e.g. ``"-vectorize-loops:bool=false"``. TVM applies
+    them for the duration of one codegen and restores LLVM's globals afterwards, so they
+    do not leak into other builds.
+    """
+    cfg = dict(target.export())
+    for derived in ("keys", "tag"):
+        cfg.pop(derived, None)
+    cfg["cl-opt"] = [*cfg.get("cl-opt", []), *options]
+    return tvm.target.Target(cfg)
 
 
 def compile_module(mod: Any, target: "tvm.target.Target") -> Any:

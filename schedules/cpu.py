@@ -143,6 +143,8 @@ def schedule_hash(sch: Any, shapes: Any, lanes: int, knobs: HashKnobs) -> None:
         if not name.startswith("bmm"):
             _vectorize_last(sch, block, bs, lanes)  # along o, contiguous in every stage
             continue
+        if bs == 1:
+            continue  # 1x1 blocks: o and k are unit loops (dropped), nothing to tile
         # compute_at drops unit loops: [tile_i if tile > 1] [r if R > 1] [b if D > BS] o k
         rest = sch.get_loops(block)[1:]
         o, k = rest[-2:]
@@ -206,25 +208,31 @@ class CpuSchedule:
     token_tile = TOKEN_TILE
 
     def __init__(self, hash_knobs: HashKnobs | None = None,
-                 gather_knobs: GatherKnobs | None = None):
+                 gather_knobs: GatherKnobs | None = None, lanes: int | None = None):
         self.hash_knobs = hash_knobs or HashKnobs()
         self.gather_knobs = gather_knobs or GatherKnobs()
+        # fp32 vector lanes; None = the target's (8 with AVX2, 16 with AVX-512). Tests set
+        # it to run the other width's schedule on this host (LLVM splits wider vectors).
+        self.lanes = lanes
+
+    def _lanes(self, target: Any) -> int:
+        return self.lanes or tvm_shim.vector_lanes(target)
 
     def applies_to(self, target: Any) -> bool:
         return tvm_shim.is_cpu_target(target)
 
     def hash(self, func: Any, shapes: Any, target: Any) -> Any:
-        lanes = tvm_shim.vector_lanes(target)
+        lanes = self._lanes(target)
         sch = tvm_shim.Schedule(func)
         schedule_hash(sch, shapes, lanes, valid_hash_knobs(shapes, lanes, self.hash_knobs))
         return sch.mod["main"]
 
     def gather(self, func: Any, shapes: Any, target: Any) -> Any:
-        lanes = tvm_shim.vector_lanes(target)
+        lanes = self._lanes(target)
         sch = tvm_shim.Schedule(func)
         schedule_gather(sch, shapes, lanes,
                         valid_gather_knobs(shapes, lanes, self.gather_knobs))
         return sch.mod["main"]
 
     def cache_token(self) -> str:
-        return f"{self.hash_knobs}{self.gather_knobs}"
+        return f"{self.hash_knobs}{self.gather_knobs}" + (f"lanes={self.lanes}" if self.lanes else "")

@@ -40,22 +40,30 @@ def bh4(x_pad: np.ndarray, weight: np.ndarray) -> np.ndarray:
     return np.array(out)
 
 
-def lookup_ffn(x, weight, hash_bias, tables, bias, decay, bits):
-    """Returns (codes [N, h], scores [N, h], y [N, d_out]) for x [N, d_in]."""
+def soft_codes(x, weight, hash_bias, decay, bits):
+    """z [N, h * bits]: the BH4 projection mixed with the input, plus the hash bias."""
     n, d_in = x.shape
     reps, _, nb, bs, _ = weight.shape
     d = nb * bs
-    h, rows, d_out = tables.shape
-    codes = np.zeros((n, h), dtype=np.int64)
-    scores = np.zeros((n, h))
-    y = np.zeros((n, d_out))
+    width = hash_bias.shape[0]
+    z = np.zeros((n, width))
     for t in range(n):
         x_pad = np.zeros(d)
         x_pad[:d_in] = x[t]
         proj = bh4(x_pad, weight)
-        z = [decay * proj[c] + (1 - decay) * x_pad[c % d] + hash_bias[c] for c in range(h * bits)]
+        z[t] = [decay * proj[c] + (1 - decay) * x_pad[c % d] + hash_bias[c] for c in range(width)]
+    return z
+
+
+def codes_scores(z, bits):
+    """(codes [N, h], scores [N, h]) from z [N, h * bits]: MSB-first sign bits, GELU-like score."""
+    n, width = z.shape
+    h = width // bits
+    codes = np.zeros((n, h), dtype=np.int64)
+    scores = np.zeros((n, h))
+    for t in range(n):
         for k in range(h):
-            zk = z[k * bits:(k + 1) * bits]
+            zk = z[t, k * bits:(k + 1) * bits]
             code = 0
             for j, v in enumerate(zk):
                 if v > 0:
@@ -63,9 +71,24 @@ def lookup_ffn(x, weight, hash_bias, tables, bias, decay, bits):
             # <z, S_g> exp(<z, S_g>) / prod(e^z + e^-z), evaluated in log space
             s = sum(abs(v) for v in zk)
             log_den = sum(abs(v) + math.log1p(math.exp(-2 * abs(v))) for v in zk)
-            score = s * math.exp(s - log_den)
             codes[t, k] = code
-            scores[t, k] = score
-            y[t] += score * tables[k, code]
+            scores[t, k] = s * math.exp(s - log_den)
+    return codes, scores
+
+
+def gather(codes, scores, tables, bias):
+    """y [N, d_out] = bias + sum_k scores[:, k] * tables[k, codes[:, k]] (a plain loop)."""
+    n, h = codes.shape
+    y = np.zeros((n, tables.shape[2]))
+    for t in range(n):
+        for k in range(h):
+            y[t] += scores[t, k] * tables[k, codes[t, k]]
         y[t] += bias
-    return codes, scores, y
+    return y
+
+
+def lookup_ffn(x, weight, hash_bias, tables, bias, decay, bits):
+    """Returns (codes [N, h], scores [N, h], y [N, d_out]) for x [N, d_in]."""
+    z = soft_codes(x, weight, hash_bias, decay, bits)
+    codes, scores = codes_scores(z, bits)
+    return codes, scores, gather(codes, scores, tables, bias)
