@@ -2,11 +2,14 @@
 
     python bench/ffn.py --config paper --tokens 4096 --json out.json
 
-One row per variant: ``dense`` (Linear-GELU-Linear, fp32, eval, no_grad),
-``dense-compiled`` (torch.compile of it, when that works), ``lookup-reference`` (the
-PyTorch reference ops), ``tvm-naive``, ``tvm-cpu``, ``tvm-tuned``. Each row has
-``variant, config, tokens, ms_median, ms_min, speedup_vs_dense`` (dense median / row
-median, same run), and for LookupFFN rows ``hash_ms`` and ``gather_ms`` (medians of the
+One row per variant: the dense FFN (Linear-GELU-Linear, eval, no_grad) as a CPU user
+would run it instead (``lookupc.baselines``): ``dense`` (fp32 eager), ``dense-bf16``,
+``dense-int8-dynamic`` (``quantize_dynamic``), ``dense-compile`` (``torch.compile``);
+then ``lookup-reference`` (the PyTorch reference ops), ``tvm-naive``, ``tvm-cpu``,
+``tvm-tuned``. Each row has ``variant, config, tokens, ms_median, ms_min,
+speedup_vs_dense`` (fp32 dense median / row median, same run), ``speedup_vs_best_dense``
+(the fastest dense row of the run / row median), and for LookupFFN rows ``hash_ms`` and
+``gather_ms`` (medians of the
 two kernels timed alone), plus ``gather_bound_ms`` and ``gather_vs_bound``.
 
 Method: all cores (torch and TVM threads = ``os.cpu_count()``), one warm-up call per
@@ -40,6 +43,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import lookupc  # noqa: E402
+from lookupc import baselines  # noqa: E402
 from lookupc import reference as ref  # noqa: E402
 
 CONFIGS = {
@@ -150,15 +154,15 @@ def run_config(name: str, tokens: int, repeats: int, schedules, tuning_db, naive
     dense = dense_ffn(d, hidden)
     ffn = lookupc.LookupFFN(d, d, cfg).eval()
     variants = {}  # name -> dict(fn, hash, gather, tokens)
-    variants["dense"] = dict(fn=lambda: dense(x), tokens=tokens)
-    if compile_dense:
-        try:
-            compiled = torch.compile(dense)
-            with torch.no_grad():
-                compiled(x)
-            variants["dense-compiled"] = dict(fn=lambda: compiled(x), tokens=tokens)
-        except Exception as e:  # noqa: BLE001 - report, keep benchmarking
-            print(f"  torch.compile failed: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+    notes: list = []
+    for vname, (module, cast) in baselines.dense_variants(
+            dense, (x,), compile_model=compile_dense, notes=notes).items():
+        xv = cast(x)
+        label = "dense" if vname == "fp32" else f"dense-{vname}"
+        variants[label] = dict(fn=lambda module=module, xv=xv: module(xv), tokens=tokens,
+                               dense=True)
+    for note in notes:
+        print(f"  note: {note}", file=sys.stderr)
     for vname, (full, h, g, n) in lookup_variants(ffn, x, schedules, tuning_db,
                                                   naive_tokens).items():
         variants[vname] = dict(fn=full, hash=h, gather=g, tokens=n)
@@ -180,6 +184,8 @@ def run_config(name: str, tokens: int, repeats: int, schedules, tuning_db, naive
     bound_ms = gather_bytes / (bw_l3 * 1e9) * 1e3
     rows = []
     dense_med = statistics.median(times["dense"]["full"])
+    best_name, best_med = baselines.best_dense(
+        {v: statistics.median(times[v]["full"]) for v in variants if variants[v].get("dense")})
     for vname, v in variants.items():
         scale = tokens / v["tokens"]
         t = {k: [s * scale for s in vals] for k, vals in times[vname].items()}
@@ -187,6 +193,11 @@ def run_config(name: str, tokens: int, repeats: int, schedules, tuning_db, naive
                "ms_median": statistics.median(t["full"]), "ms_min": min(t["full"]),
                "runs": len(t["full"])}
         row["speedup_vs_dense"] = dense_med / row["ms_median"]
+        row["speedup_vs_best_dense"] = best_med / row["ms_median"]
+        row["best_dense"] = best_name
+        if vname == "dense-bf16" and not (baselines.cpu_isa()["avx512_bf16"]
+                                         or baselines.cpu_isa()["amx_bf16"]):
+            row["note"] = "no native bf16 on this CPU (PyTorch emulates it)"
         if t["hash"]:
             row["hash_ms"] = statistics.median(t["hash"])
             row["gather_ms"] = statistics.median(t["gather"])
@@ -200,19 +211,24 @@ def run_config(name: str, tokens: int, repeats: int, schedules, tuning_db, naive
 
 
 def print_table(rows) -> None:
-    head = (f"{'config':10s} {'variant':17s} {'tokens':>6s} {'median ms':>10s} {'min ms':>8s} "
-            f"{'x dense':>8s} {'hash ms':>8s} {'gather ms':>9s} {'g/bound':>7s}")
+    head = (f"{'config':10s} {'variant':19s} {'tokens':>6s} {'median ms':>10s} {'min ms':>8s} "
+            f"{'x dense':>8s} {'x best':>7s} {'hash ms':>8s} {'gather ms':>9s} {'g/bound':>7s}")
     print(head)
     print("-" * len(head))
     for r in rows:
         def f(key, fmt):
             return format(r[key], fmt) if key in r else "-"
-        print(f"{r['config']:10s} {r['variant']:17s} {r['tokens']:6d} {r['ms_median']:10.2f} "
-              f"{r['ms_min']:8.2f} {r['speedup_vs_dense']:8.2f} {f('hash_ms', '8.2f'):>8s} "
+        print(f"{r['config']:10s} {r['variant']:19s} {r['tokens']:6d} {r['ms_median']:10.2f} "
+              f"{r['ms_min']:8.2f} {r['speedup_vs_dense']:8.2f} "
+              f"{r['speedup_vs_best_dense']:7.2f} {f('hash_ms', '8.2f'):>8s} "
               f"{f('gather_ms', '9.2f'):>9s} {f('gather_vs_bound', '7.2f'):>7s}"
               + ("  *" if "note" in r else ""))
-    if any("note" in r for r in rows):
-        print("* tvm-naive measured on fewer tokens/runs and scaled linearly (see JSON note)")
+    for r in rows:
+        if "note" in r:
+            print(f"* {r['variant']}: {r['note']}")
+    best = {r["config"]: r["best_dense"] for r in rows}
+    print("x best = fastest dense variant of the run / row: "
+          + ", ".join(f"{c}: {b}" for c, b in best.items()))
 
 
 def main(argv=None) -> int:
@@ -263,7 +279,8 @@ def main(argv=None) -> int:
                               "logical_cpus": threads, "torch_threads": torch.get_num_threads(),
                               "tvm_threads": int(os.environ["TVM_NUM_THREADS"]),
                               "torch": torch.__version__, "tvm": tvm_shim.tvm_version(),
-                              "load_avg_1m": os.getloadavg()[0]},
+                              "load_avg_1m": os.getloadavg()[0],
+                              "isa": baselines.cpu_isa()},
                   "bandwidth_gbs": {"l3_sized_8MiB": bw_l3, "l2_sized_256KiB": bw_l2},
                   "tuning_db": tuning_db, "rows": rows}
         with open(args.json, "w") as f:

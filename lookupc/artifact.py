@@ -484,6 +484,12 @@ def compile_artifact(result, loaded, spec, out_dir, *, schedule: str = "hand",
     check : str
         One line: how the artifact's outputs compare with the converted model in
         PyTorch on the example inputs, or why that check could not run here.
+
+    Raises
+    ------
+    lookupc.errors.OutputMismatchError
+        When the check runs and the outputs differ beyond the float32 tolerance of
+        :mod:`lookupc.output_check` (the artifact stays on disk, named in the message).
     """
     from tqdm import tqdm
 
@@ -533,26 +539,34 @@ def compile_artifact(result, loaded, spec, out_dir, *, schedule: str = "hand",
     ok, why = can_execute(spec)
     if ok:
         bar.set_postfix_str("checking")
-        check = check_against(load(out_dir), result.module, loaded.example_inputs)
+        outcome = check_against(load(out_dir), result.module, loaded.example_inputs)
+        check = outcome.line(_CHECK_WHAT)
     else:
-        check = f"check   not run: this machine cannot execute the target ({why})"
+        outcome, check = None, f"check   not run: this machine cannot execute the target ({why})"
     bar.update(1)
     bar.close()
+    if outcome is not None:
+        outcome.raise_if_failed(_CHECK_WHAT, f"; the artifact written to {out_dir} computes "
+                                f"wrong outputs on this machine: do not deploy it")
     return manifest, check
 
 
-def check_against(artifact: "Artifact", module: torch.nn.Module, inputs: tuple) -> str:
-    """One line comparing the artifact's outputs with ``module``'s (PyTorch reference ops)."""
+_CHECK_WHAT = "artifact vs converted model in PyTorch on the example inputs"
+
+
+def check_against(artifact: "Artifact", module: torch.nn.Module, inputs: tuple):
+    """Compare the artifact's outputs with ``module``'s on the PyTorch reference ops.
+
+    Returns a :class:`lookupc.output_check.OutputCheck`; ``.line(...)`` describes it.
+    """
     from . import dispatch
     from .model_io import flatten_outputs
+    from .output_check import compare_outputs
 
     got = artifact(*inputs)
     with torch.no_grad(), dispatch.set_schedule("reference"):
         want = flatten_outputs(module(*inputs))[0]
-    err = max(float((a - b).abs().max()) for a, b in zip(got, want))
-    scale = max(float(b.abs().max()) for b in want)
-    return (f"check   artifact vs converted model in PyTorch on the example inputs: "
-            f"max abs diff {err:.3g} (outputs up to {scale:.3g})")
+    return compare_outputs(got, want)
 
 
 def _lookup_modules(module: torch.nn.Module) -> list:

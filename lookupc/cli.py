@@ -421,13 +421,17 @@ def run(artifact, input_path, output, check, repeat, ignore_versions):
     if times:
         click.echo(f"time    {min(times) * 1e3:.2f} ms (min of {len(times)}, "
                    f"{model.manifest['schedule']} kernels)")
-    if check:
-        ref = model.run(*inputs, schedule="reference")
-        err = max(float((a.float() - b.float()).abs().max()) for a, b in zip(outputs, ref))
-        click.echo(f"check   max |artifact - PyTorch reference| = {err:.3g}")
     if output:
         save_inputs(tuple(outputs), output)
         click.echo(f"wrote {output}", err=True)
+    if check:
+        from .output_check import compare_outputs
+
+        what = "artifact vs the same program on the PyTorch reference ops"
+        outcome = compare_outputs(outputs, model.run(*inputs, schedule="reference"))
+        click.echo(outcome.line(what))
+        outcome.raise_if_failed(what, f"; the kernels in {artifact} compute wrong outputs on "
+                                      f"this machine")
 
 
 # --- tune -------------------------------------------------------------------------------------

@@ -22,3 +22,7 @@ class PassError(LookupcError):
     def __init__(self, pass_name: str, message: str):
         super().__init__(f"pass {pass_name!r} failed: {message}")
         self.pass_name = pass_name
+
+
+class OutputMismatchError(LookupcError):
+    """Compiled kernels gave outputs that differ from the PyTorch reference beyond tolerance."""

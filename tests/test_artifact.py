@@ -199,7 +199,9 @@ def test_cli_run_and_inspect(compiled, tmp_path):
                                  "-o", str(tmp_path / "y.pt"), "--repeat", "1"])
     assert r.exit_code == 0, (r.stderr, r.exception)
     assert "output  output: (1, 21, 128) float32" in r.stdout
-    err = float(r.stdout.split("max |artifact - PyTorch reference| = ")[1].split()[0])
+    line = next(l for l in r.stdout.splitlines() if l.startswith("check "))
+    assert line.endswith(": ok") and "tolerance" in line, line
+    err = float(line.split("max abs diff ")[1].split()[0])
     assert err < 1e-4
     y = torch.load(tmp_path / "y.pt", weights_only=True)["input_0"]
     torch.testing.assert_close(y, _reference(result.module, (ids,)), rtol=1e-4, atol=1e-4)
@@ -215,3 +217,47 @@ def test_cli_refuses_a_tampered_artifact_in_one_line(compiled, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
     r = CliRunner().invoke(cli, ["inspect", str(d)])
     assert "FAILED: kernels.so was modified" in r.stdout
+
+
+def _wrong_gather(monkeypatch):
+    """Kernels whose gather output is negated: what a miscompiled kernel looks like to a user
+    (a constant offset would not do: the model's LayerNorm removes it)."""
+    from lookupc import kernels as K
+
+    right = K.Kernels.gather
+    monkeypatch.setattr(K.Kernels, "gather", lambda self, *a: -right(self, *a))
+
+
+def test_run_fails_when_the_kernels_disagree_with_the_reference(compiled, monkeypatch):
+    _wrong_gather(monkeypatch)
+    r = CliRunner().invoke(cli, ["run", str(compiled[0]), "--repeat", "0"])
+    assert r.exit_code != 0
+    err = r.stderr.strip().splitlines()[-1]  # after the "loading ..." progress line
+    assert err.startswith("Error: ") and "exceeds the float32 tolerance" in err, err
+    assert "max abs diff" in err and "compute wrong outputs" in err
+    # the check can be skipped explicitly
+    assert CliRunner().invoke(cli, ["run", str(compiled[0]), "--repeat", "0",
+                                    "--no-check"]).exit_code == 0
+
+
+def test_compile_fails_when_the_kernels_disagree_with_the_reference(monkeypatch, tmp_path):
+    _wrong_gather(monkeypatch)
+    out = tmp_path / "bad.lookupc"
+    r = CliRunner().invoke(cli, ["compile", "examples.tiny_bert:factory", "-o", str(out),
+                                 "--seq-len", "8"])
+    assert r.exit_code != 0
+    err = r.stderr.strip().splitlines()[-1]  # after the progress bar
+    assert err.startswith("Error: ") and "exceeds the float32 tolerance" in err, err
+    assert "do not deploy it" in err and str(out) in err
+
+
+def test_output_check_tolerance():
+    from lookupc.output_check import RTOL, compare_outputs
+
+    ref = [torch.full((2, 3), 4.0)]
+    assert compare_outputs([ref[0] + 1e-6], ref).ok
+    bad = compare_outputs([ref[0] + 0.1], ref)
+    assert not bad.ok and bad.tolerance == pytest.approx(4 * RTOL)
+    assert not compare_outputs([ref[0] * float("nan")], ref).ok
+    with pytest.raises(lookupc.LookupcError, match="outputs"):
+        compare_outputs(ref * 2, ref)
