@@ -133,6 +133,31 @@ def _lookup_options(f):
     return f
 
 
+def _store_policy(ctx, param, value):
+    ctx.meta.setdefault("lookupc.policy", {})[param.name] = value
+    return value
+
+
+def _policy_options(f):
+    """Conversion policy flags; they reach :func:`_convert` through the click context."""
+    f = click.option("--force-replace", "force", is_flag=True, expose_value=False,
+                     callback=_store_policy,
+                     help="Replace FFNs even where a LookupFFN costs more FLOPs than the dense "
+                          "FFN (by default those stay dense, with the reason in the report).")(f)
+    f = click.option("--max-table-mib", "max_table_mib", type=click.FloatRange(min=0),
+                     default=None, expose_value=False, callback=_store_policy,
+                     help="Budget for all LookupFFN tables, checked before allocating "
+                          "(default: half the memory available).")(f)
+    return f
+
+
+def _fidelity_option(f):
+    return click.option("--min-fidelity", "min_fidelity", type=click.FloatRange(-1, 1),
+                        default=None, expose_value=False, callback=_store_policy,
+                        help="Fail when the converted model's pooled-output cosine with the "
+                             "original on the example inputs is below this.")(f)
+
+
 def _convert_options(f):
     f = click.option("--distill-option", "distill_option", multiple=True, metavar="KEY=VALUE",
                      help="A lookupc.distill.DistillOptions field for --init distill, e.g. "
@@ -149,14 +174,12 @@ def _convert_options(f):
 
 
 def _config(tables, bits, block_size):
-    """A LookupConfig when any size was given on the command line, else None (per-FFN)."""
+    """The sizes given on the command line over per-FFN defaults, or None (all per-FFN)."""
     if tables is None and bits is None and block_size is None:
         return None
-    from .config import LookupConfig
+    from .config import SizeOverride
 
-    given = {k: v for k, v in (("tables", tables), ("bits", bits),
-                               ("block_size", block_size)) if v is not None}
-    return LookupConfig(**given)
+    return SizeOverride(tables=tables, bits=bits, block_size=block_size)
 
 
 def _load(model: str, batch: int, seq_len: int, trust_pickle: bool):
@@ -238,9 +261,15 @@ def _convert(loaded, config, init, calibration, seed, distill_options=None):
 
     items = _calibration(calibration, loaded, init)
     torch.manual_seed(seed)
+    ctx = click.get_current_context(silent=True)
+    policy = dict(ctx.meta.get("lookupc.policy", {})) if ctx else {}
+    mib = policy.pop("max_table_mib", None)
     with _step(f"converting ({init} init)"):
         return lookupc.convert(loaded.module, loaded.example_inputs, config=config, init=init,
-                               calibration=items, distill_options=distill_options or None)
+                               calibration=items, distill_options=distill_options or None,
+                               force=bool(policy.get("force")),
+                               max_table_bytes=None if mib is None else int(mib * 2**20),
+                               min_fidelity=policy.get("min_fidelity"))
 
 
 def _print_report(report) -> None:
@@ -260,6 +289,7 @@ def _write_json(path: str | None, data) -> None:
 @click.argument("model")
 @_model_options
 @_lookup_options
+@_policy_options
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the report as JSON.")
 def inspect(model, batch, seq_len, trust_pickle, tables, bits, block_size, json_path):
@@ -310,6 +340,8 @@ def _inspect_artifact(path: str, json_path: str | None) -> None:
               help="Where to write the torch.export program (.pt2).")
 @_model_options
 @_convert_options
+@_policy_options
+@_fidelity_option
 def convert(model, output, batch, seq_len, trust_pickle, tables, bits, block_size, init,
             calibration, seed, distill_option):
     """Replace MODEL's FFNs with LookupFFNs and write a torch.export program (.pt2)."""
@@ -359,6 +391,8 @@ def _kind_of_outputs(loaded) -> str:
 @click.option("--force", is_flag=True, help="Replace an existing artifact directory.")
 @_model_options
 @_convert_options
+@_policy_options
+@_fidelity_option
 def compile_(model, target, output, schedule, tuning_db, force, batch, seq_len, trust_pickle,
              tables, bits, block_size, init, calibration, seed, distill_option):
     """Convert MODEL and compile it into a deployable artifact directory for --target."""
@@ -535,6 +569,8 @@ def _bench_config(bench, name: str, config=None):
         d, hidden = map(int, parts)
     if config is None:
         config = LookupConfig.for_ffn(d, hidden, d)
+    elif not isinstance(config, LookupConfig):  # a SizeOverride from --tables/--bits/...
+        config = config.for_ffn(d, hidden, d)
     config.check_for(d)
     bench.CONFIGS[name] = (d, hidden, config)
     return bench.CONFIGS[name]

@@ -9,9 +9,10 @@ to a power of two ``D = padded_width(d_in)``; when ``h * tau > D`` it is repeate
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
-__all__ = ["LookupConfig", "padded_width", "num_repeats"]
+__all__ = ["LookupConfig", "padded_width", "num_repeats", "lookup_flops", "table_bytes",
+           "cheaper_configs", "SizeOverride"]
 
 
 def _is_pow2(n: int) -> bool:
@@ -105,3 +106,59 @@ class LookupConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def lookup_flops(d_in: int, d_out: int, config: LookupConfig) -> tuple[int, int]:
+    """(hash, gather) FLOPs per token of a LookupFFN, from its sizes alone (no allocation).
+
+    Hash: BH4 (4 rounds of block matmul + FWHT per repeat), mix, bias, codes and scores.
+    Gather: one multiply-add per table and output column, plus the bias.
+    """
+    d, bs = padded_width(d_in), config.block_size
+    r = num_repeats(d_in, config.tables, config.bits)
+    code_width = config.code_width
+    hash_flops = r * 4 * (2 * d * bs + d * int(math.log2(d))) + 3 * r * d + 5 * code_width
+    return hash_flops, 2 * config.tables * d_out + d_out
+
+
+def table_bytes(d_out: int, config: LookupConfig, itemsize: int = 4) -> int:
+    """Bytes of the tables ``[tables, 2**bits, d_out]`` (float32 by default)."""
+    return config.tables * (1 << config.bits) * d_out * itemsize
+
+
+def cheaper_configs(config: LookupConfig):
+    """Configurations to try, cheapest last, when ``config`` costs more than the dense FFN:
+    smaller BH4 blocks (halved, down to 8: the hash's block matmuls shrink), then fewer
+    bits (8 -> 6 -> 4: tables 4x smaller each step), then fewer tables (halved)."""
+    block, bits, tables = config.block_size, config.bits, config.tables
+    while block > 8 or bits > 4 or tables > 1:
+        if block > 8:
+            block //= 2
+        elif bits > 4:
+            bits = max(4, bits - 2)
+        else:
+            tables = max(1, tables // 2)
+        yield replace(config, tables=tables, bits=bits, block_size=block)
+
+
+@dataclass(frozen=True)
+class SizeOverride:
+    """Some sizes given, the others per-FFN defaults (``LookupConfig.for_ffn``).
+
+    What the CLI's ``--tables/--bits/--block-size`` mean: one flag changes only that size.
+    Callable on an FFN match (``lookupc.convert(config=...)`` accepts callables).
+
+    >>> SizeOverride(bits=6).for_ffn(384, 1536)
+    LookupConfig(tables=96, bits=6, block_size=64, decay=0.7)
+    """
+
+    tables: int | None = None
+    bits: int | None = None
+    block_size: int | None = None
+
+    def for_ffn(self, d_in: int, d_hidden: int, d_out: int | None = None) -> LookupConfig:
+        given = {k: v for k, v in asdict(self).items() if v is not None}
+        return replace(LookupConfig.for_ffn(d_in, d_hidden, d_out), **given)
+
+    def __call__(self, match) -> LookupConfig:
+        return self.for_ffn(match.d_in, match.d_hidden, match.d_out)

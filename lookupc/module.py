@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.lookupc.*)
-from .config import LookupConfig, num_repeats, padded_width
+from .config import LookupConfig, lookup_flops, num_repeats, padded_width
 
 __all__ = ["LookupFFN", "dense_ffn_flops"]
 
@@ -75,15 +75,11 @@ class LookupFFN(nn.Module):
 
     def hash_flops_per_token(self) -> int:
         """BH4 (4 rounds of block matmul + FWHT per repeat), mix, bias, codes and scores."""
-        d, bs, r = self.padded_width, self.config.block_size, self.repeats
-        bh4 = r * 4 * (2 * d * bs + d * int(math.log2(d)))
-        mix = 3 * r * d
-        code_width = self.config.code_width
-        return bh4 + mix + code_width + 4 * code_width
+        return lookup_flops(self.d_in, self.d_out, self.config)[0]
 
     def gather_flops_per_token(self) -> int:
         """One multiply-add per table and output column, plus the bias."""
-        return 2 * self.config.tables * self.d_out + self.d_out
+        return lookup_flops(self.d_in, self.d_out, self.config)[1]
 
     def flops_per_token(self) -> int:
         """FLOPs per token (multiply-add = 2): hash + gather. See the two parts."""

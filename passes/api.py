@@ -184,7 +184,9 @@ def _distill_fn() -> Callable:
 
 def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
             init: str = "random", calibration: Any = None,
-            distill_options: dict | None = None) -> ConversionResult:
+            distill_options: dict | None = None, *, force: bool = False,
+            max_table_bytes: int | None = None,
+            min_fidelity: float | None = None) -> ConversionResult:
     """Replace every Linear -> GELU -> Linear of ``model`` with a LookupFFN.
 
     Parameters
@@ -204,6 +206,17 @@ def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
         Calibration inputs for ``init='distill'``.
     distill_options : dict, optional
         Keyword arguments of ``lookupc.distill.distill_conversion``.
+    force : bool
+        Replace an FFN even when its LookupFFN would cost more FLOPs per token than the
+        dense FFN. Without it such an FFN stays dense, with the reason in
+        ``report.skipped``; with the default (per-FFN) configuration, cheaper ones (fewer
+        bits, then fewer tables: ``lookupc.config.cheaper_configs``) are tried first.
+    max_table_bytes : int, optional
+        Budget for the tables of all LookupFFNs together, checked before anything is
+        allocated (default: half of the memory available now).
+    min_fidelity : float, optional
+        Refuse (``LookupcError``) when the pooled-output cosine with the original model on
+        the example inputs (``report.fidelity``, :mod:`lookupc.fidelity`) is below it.
 
     Returns
     -------
@@ -239,8 +252,14 @@ def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
         if cfg is None:
             skipped.append(Skipped(m.name, "left dense by the config"))
             continue
+        default = LookupConfig.for_ffn(m.d_in, m.d_hidden, m.d_out)
+        cfg, why = _cheaper_than_dense(m, cfg, try_cheaper=cfg == default, force=force)
+        if cfg is None:
+            skipped.append(Skipped(m.name, why))
+            continue
         matches.append(m)
         configs[m.name] = cfg
+    _check_table_budget(matches, configs, max_table_bytes)
     lookups = {m.name: _make_lookup(model, m, configs[m.name]) for m in matches}
     module, replacements, rewrite_skipped = _run_rewrites(model, matches, lookups)
     skipped += rewrite_skipped
@@ -253,7 +272,78 @@ def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
     result = ConversionResult(module, report, replacements)
     if distill is not None:
         distill(result, model, calibration, **(distill_options or {}))
+    if replacements:
+        _measure_fidelity(result, model, example_inputs, init, min_fidelity)
     return result
+
+
+def _cheaper_than_dense(m: FFNMatch, cfg: LookupConfig, try_cheaper: bool,
+                        force: bool) -> tuple[LookupConfig | None, str]:
+    """``(cfg, "")`` when a LookupFFN with ``cfg`` costs fewer FLOPs than the dense FFN
+    (or ``force``); else a cheaper default, or ``(None, reason)``."""
+    from lookupc.config import cheaper_configs, lookup_flops
+
+    dense = m.dense_flops()
+    cost = sum(lookup_flops(m.d_in, m.d_out, cfg))
+    if cost < dense or force:
+        return cfg, ""
+    if try_cheaper:
+        for cand in cheaper_configs(cfg):
+            if sum(lookup_flops(m.d_in, m.d_out, cand)) < dense:
+                return cand, ""
+    return None, (f"a LookupFFN ({cfg.tables}x{cfg.bits} / {cfg.block_size}) would cost "
+                  f"{cost:,} FLOPs/token, the dense FFN {dense:,}"
+                  + ("; no cheaper configuration either" if try_cheaper else "")
+                  + " (force=True / --force-replace replaces it anyway)")
+
+
+def _available_bytes() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - no psutil: assume plenty rather than refuse
+        return 1 << 62
+
+
+def _check_table_budget(matches, configs, max_table_bytes: int | None) -> None:
+    """Refuse before allocating when the tables of all LookupFFNs exceed the budget."""
+    from lookupc.config import table_bytes
+
+    budget = max_table_bytes if max_table_bytes is not None else _available_bytes() // 2
+    need = sum(table_bytes(m.d_out, configs[m.name]) for m in matches)
+    if need > budget:
+        worst = max(matches, key=lambda m: table_bytes(m.d_out, configs[m.name]))
+        c = configs[worst.name]
+        raise LookupcInputError(
+            f"the LookupFFN tables would take {need / 2**20:,.0f} MiB, over the budget of "
+            f"{budget / 2**20:,.0f} MiB (largest: {worst.name}, {c.tables} tables x 2**{c.bits} "
+            f"rows x {worst.d_out} = {table_bytes(worst.d_out, c) / 2**20:,.0f} MiB); use fewer "
+            f"bits or tables, or raise the budget (max_table_bytes / --max-table-mib)")
+
+
+def _measure_fidelity(result, model, example_inputs, init: str,
+                      min_fidelity: float | None) -> None:
+    from lookupc import fidelity
+
+    args, kwargs = normalize_inputs(example_inputs)
+    try:
+        with _eval_mode(model, result.module):
+            f = fidelity.measure(model, result.module, args, kwargs)
+    except Exception as err:  # noqa: BLE001 - a model with keyword-only inputs, say
+        f = {"inputs": "example inputs", "rel_error": None, "cosine_mean": None,
+             "cosine_min": None, "error": f"{type(err).__name__}: {err}"[:200]}
+    result.report.fidelity = f
+    fidelity.warn_if_random_init_lost_quality(f, init)
+    if min_fidelity is not None:
+        cos = f.get("cosine_mean")
+        if cos is None or cos < min_fidelity:
+            got = "could not be measured" if cos is None else f"is {cos:.4f}"
+            raise LookupcError(f"fidelity check failed: the pooled-output cosine with the "
+                               f"original model on the example inputs {got}, below "
+                               f"min_fidelity={min_fidelity} (init={init!r}"
+                               + ("; init='distill' / --init distill recovers quality)"
+                                  if init == "random" else ")"))
 
 
 def _matched(m: FFNMatch, lookup: LookupFFN) -> MatchedFFN:

@@ -54,6 +54,9 @@ class ConversionReport:
     #: set by whole-model distillation (``distill_options={"model_steps": n}``):
     #: ``before``/``after`` relative output error on held-out calibration items.
     model_error: dict | None = None
+    #: the converted model against the original on the example inputs
+    #: (:func:`lookupc.fidelity.measure`): rel_error, cosine_mean, cosine_min
+    fidelity: dict | None = None
 
     @property
     def flops_before(self) -> int:
@@ -71,7 +74,8 @@ class ConversionReport:
         return {"matched": [m.to_dict() for m in self.matched],
                 "skipped": [{"location": s.location, "reason": s.reason} for s in self.skipped],
                 "flops_before": self.flops_before, "flops_after": self.flops_after,
-                "table_bytes": self.table_bytes, "model_error": self.model_error}
+                "table_bytes": self.table_bytes, "model_error": self.model_error,
+                "fidelity": self.fidelity}
 
     def _rows(self) -> list[list[str]]:
         rows = [["location", "d_in-d_hid-d_out", "act", "form", "h x tau / bs",
@@ -103,6 +107,10 @@ class ConversionReport:
                           f"held out)")
             lines.append(f"whole-model distillation ({e['steps']} steps): output rel. error "
                          f"{e['before']:.4f} -> {e['after']:.4f} on {where}")
+        if self.fidelity is not None:
+            from lookupc.fidelity import describe
+
+            lines.append(describe(self.fidelity))
         for s in self.skipped:
             lines.append(f"skipped {s.location}: {s.reason}")
         return "\n".join(lines)

@@ -148,3 +148,56 @@ def test_convert_with_distill_options(tmp_path):
     assert "whole-model distillation (2 steps)" in result.stdout
     assert "its 1 training item(s) (under 10 items: none held out)" in result.stdout
     assert out.exists()
+
+
+def test_one_size_flag_keeps_the_other_per_ffn_defaults():
+    r = CliRunner().invoke(cli, ["inspect", "examples.tiny_bert:factory", "--bits", "6"])
+    assert r.exit_code == 0, (r.stderr, r.exception)
+    # tiny_bert's FFNs are 128-512-128: per-FFN default 32 tables, block 64; only bits change
+    assert r.stdout.count("32x6 / 64") == 2, r.stdout
+    assert "fidelity vs the original model" in r.stdout
+
+
+def test_table_budget_and_min_fidelity_flags(tmp_path):
+    r = CliRunner().invoke(cli, ["inspect", "examples.tiny_bert:factory",
+                                 "--max-table-mib", "0.5"])
+    assert r.exit_code != 0
+    err = r.stderr.strip().splitlines()[-1]
+    assert "over the budget of 0 MiB" in err or "over the budget" in err, err
+    r = CliRunner().invoke(cli, ["compile", "examples.tiny_bert:factory", "-o",
+                                 str(tmp_path / "a"), "--min-fidelity", "0.9999"])
+    assert r.exit_code != 0 and not (tmp_path / "a").exists()
+    err = r.stderr.strip().splitlines()[-1]
+    assert "fidelity check failed" in err and "--init distill" in err, err
+
+
+def test_sixteen_bit_tables_on_minilm_sized_ffns_fail_before_allocating(monkeypatch):
+    """--bits 16 on three 384-1536-384 FFNs asks for 3 x 9.7 GB of tables: refused up front
+    (on a machine with CI's 24 GiB available; the default budget is half of that)."""
+    import tracemalloc
+
+    import lookupc
+    from lookupc.passes import api
+
+    monkeypatch.setattr(api, "_available_bytes", lambda: 24 << 30)
+
+    class Three(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ffns = torch.nn.ModuleList(torch.nn.Sequential(
+                torch.nn.Linear(384, 1536), torch.nn.GELU(), torch.nn.Linear(1536, 384))
+                for _ in range(3))
+
+        def forward(self, x):
+            for f in self.ffns:
+                x = x + f(x)
+            return x
+
+    from lookupc.config import SizeOverride
+
+    tracemalloc.start()
+    with pytest.raises(LookupcInputError, match="tables would take 27,648 MiB, over the budget of 12,288 MiB"):
+        lookupc.convert(Three(), (torch.randn(2, 384),), config=SizeOverride(bits=16))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 30

@@ -19,12 +19,18 @@ def test_compare_writes_table_json_and_png(tmp_path):
     lines = r.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("config"))
     variants = [line.split()[1] for line in lines[header + 2:] if line.startswith("64x256")]
-    assert variants == ["dense", "lookup-reference", "tvm-hand"]
+    # the dense FFN as a CPU user would run it instead (bf16, int8 dynamic) in the same run
+    assert variants == ["dense", "dense-bf16", "dense-int8-dynamic", "lookup-reference",
+                        "tvm-hand"]
     data = json.loads(js.read_text())
     assert data["configs"]["64x256"] == {"d_model": 64, "d_hidden": 256, "tables": 16,
                                          "bits": 8, "block_size": 64, "decay": 0.7}
     rows = {row["variant"]: row for row in data["rows"]}
-    assert set(rows) == {"dense", "lookup-reference", "tvm-hand"}
+    assert set(rows) == {"dense", "dense-bf16", "dense-int8-dynamic", "lookup-reference",
+                         "tvm-hand"}
+    best = min(rows[v]["ms_median"] for v in ("dense", "dense-bf16", "dense-int8-dynamic"))
+    for row in rows.values():
+        assert row["speedup_vs_best_dense"] == pytest.approx(best / row["ms_median"])
     for row in rows.values():
         assert row["tokens"] == 32 and row["runs"] == 3 and 0 < row["ms_min"] <= row["ms_median"]
     # speed-ups are relative to the dense median of the same run

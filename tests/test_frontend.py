@@ -206,7 +206,8 @@ def test_other_batch_and_sequence_sizes(converted):
 def test_flops_hand_count(x):
     """16 -> 64 -> 16 with h=4, tau=8, block 16 (D=16, R=ceil(32/16)=2), counted by hand."""
     cfg = lookupc.LookupConfig(tables=4, bits=8, block_size=16)
-    report = lookupc.convert(tm.ModuleFFN(), (x,), config=cfg).report
+    # this LookupFFN costs more than the dense FFN: only replaced when forced
+    report = lookupc.convert(tm.ModuleFFN(), (x,), config=cfg, force=True).report
     dense = 2 * 16 * 64 + 64 + 2 * 64 * 16 + 16            # 4176
     bh4 = 2 * 4 * (2 * 16 * 16 + 16 * 4)                   # 2 repeats x 4 rounds: blocks + FWHT
     hash_ = bh4 + 3 * 2 * 16 + 32 + 4 * 32                 # + mix, hash bias, codes/scores
@@ -214,6 +215,58 @@ def test_flops_hand_count(x):
     assert (dense, hash_ + gather) == (4176, 5008)
     assert (report.flops_before, report.flops_after) == (4176, 5008)
     assert report.table_bytes == 4 * 256 * 16 * 4
+
+
+def test_ffns_that_would_not_get_cheaper_stay_dense(x):
+    # an explicit configuration (not the per-FFN default: decay differs) is kept as given
+    cfg = lookupc.LookupConfig(tables=4, bits=8, block_size=16, decay=0.5)
+    report = lookupc.convert(tm.ModuleFFN(), (x,), config=cfg).report
+    assert not report.matched and len(report.skipped) == 1
+    reason = report.skipped[0].reason
+    assert "would cost 5,008 FLOPs/token, the dense FFN 4,176" in reason and "force" in reason
+    # the default configuration tries cheaper ones (smaller blocks, fewer bits, fewer
+    # tables) first
+    report = lookupc.convert(tm.ModuleFFN(), (x,)).report
+    assert len(report.matched) == 1
+    assert report.flops_after < report.flops_before
+    assert report.matched[0].config != lookupc.LookupConfig.for_ffn(16, 64, 16)
+
+
+def test_table_memory_is_checked_before_allocating(x):
+    huge = lookupc.LookupConfig(tables=4096, bits=16, block_size=16)  # 64 GiB of tables
+    with pytest.raises(lookupc.LookupcInputError, match="tables would take .* over the budget"):
+        lookupc.convert(tm.ModuleFFN(), (x,), config=huge, force=True)
+    small = lookupc.LookupConfig(tables=2, bits=4, block_size=8)
+    with pytest.raises(lookupc.LookupcInputError, match="max_table_bytes"):
+        lookupc.convert(tm.ModuleFFN(), (x,), config=small, max_table_bytes=100)
+
+
+def test_fidelity_against_the_original_is_reported(x):
+    import warnings
+
+    from lookupc.fidelity import FidelityWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = lookupc.convert(tm.ModuleFFN(), (x,))
+    f = result.report.fidelity
+    assert 0 <= f["rel_error"] and -1 <= f["cosine_min"] <= f["cosine_mean"] <= 1
+    assert "fidelity vs the original model" in str(result.report)
+    assert json.loads(json.dumps(result.report.to_dict()))["fidelity"]["cosine_mean"] == \
+        pytest.approx(f["cosine_mean"])
+    if f["cosine_mean"] < 0.95:  # random init on a trained-looking model: named remedy
+        assert any(issubclass(w.category, FidelityWarning) and "init='distill'" in
+                   str(w.message) for w in caught)
+    with pytest.raises(lookupc.LookupcError, match="fidelity check failed.*min_fidelity=0.9999"):
+        lookupc.convert(tm.ModuleFFN(), (x,), min_fidelity=0.9999)
+
+
+def test_size_override_keeps_per_ffn_defaults():
+    from lookupc.config import SizeOverride
+
+    assert SizeOverride(bits=6).for_ffn(128, 512) == lookupc.LookupConfig(32, 6, 64)
+    assert SizeOverride(tables=8).for_ffn(384, 1536) == lookupc.LookupConfig(8, 8, 64)
+    assert SizeOverride(block_size=16).for_ffn(32, 96) == lookupc.LookupConfig(6, 8, 16)
 
 
 def test_report_str_and_dict(converted):
