@@ -36,9 +36,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lookupc.memo_data import load_encoder, pack_sentences  # noqa: E402
 from lookupc.memo_embed import EmbedConfig  # noqa: E402
 from lookupc.memo_perf import PRESETS  # noqa: E402
+from lookupc.passes.attention_memo import (  # noqa: E402
+    apply_memo,
+    build_memo_db,
+    find_self_attention,
+    layer_profiles,
+    memo_stats,
+    reset_memo_stats,
+)
 from lookupc.textdata import docstring_sentences  # noqa: E402
-from lookupc.passes.attention_memo import (apply_memo, build_memo_db, find_self_attention,  # noqa: E402
-                                           layer_profiles, memo_stats, reset_memo_stats)
 
 
 def mean_pool(hidden: torch.Tensor) -> torch.Tensor:
@@ -152,7 +158,8 @@ def bench_length(model, tok, seq_len: int, args, work: Path) -> dict:
     build_s = time.perf_counter() - t0
     db_bytes = sum(f.stat().st_size for f in store.path.iterdir())
     rows = evaluate(model, store, held, args, calib[:len(held)] if args.repeat_row else None)
-    profiles = {f"{l}": dict(timing=p.timing.as_dict(), inflation=p.inflation, loo_pred_mean=float(p.loo_predicted.mean()),
+    profiles = {f"{l}": dict(timing=p.timing.as_dict(), inflation=p.inflation,
+                             loo_pred_mean=float(p.loo_predicted.mean()),
                              loo_true_mean=float(p.loo_true.mean()), loo_true_max=float(p.loo_true.max()),
                              **{f"alpha@{k}": p.hit_rate(v) for k, v in PRESETS.items()},
                              **{f"benefit@{k}_us": 1e6 * p.benefit(v) for k, v in PRESETS.items()})
@@ -181,8 +188,10 @@ def print_table(res: dict) -> None:
               f"{r['e2e_speedup']:7.2f}")
     print("* best case: the evaluation re-runs sequences the database was built from (moderate, all layers)")
     print("perf model (eq. 3) per layer: " + "; ".join(
-        f"L{l} t_attn {1e3 * p['timing']['t_attention']:.1f}ms saved {1e3 * (p['timing']['t_attention'] - p['timing']['t_hit']):.1f}ms "
-        f"ovh {1e3 * p['timing']['t_overhead']:.2f}ms loo sim pred/true {p['loo_pred_mean']:.2f}/{p['loo_true_mean']:.2f} "
+        f"L{l} t_attn {1e3 * p['timing']['t_attention']:.1f}ms "
+        f"saved {1e3 * (p['timing']['t_attention'] - p['timing']['t_hit']):.1f}ms "
+        f"ovh {1e3 * p['timing']['t_overhead']:.2f}ms "
+        f"loo sim pred/true {p['loo_pred_mean']:.2f}/{p['loo_true_mean']:.2f} "
         f"(max true {p['loo_true_max']:.2f}) inflation {p['inflation']:.2f}" for l, p in res["perf_model"].items()))
     print("embedder training per layer: " + "; ".join(
         f"L{t['layer']} {t['seconds']:.1f}s {t['initial_loss']:.3f}->{t['final_loss']:.4f} "

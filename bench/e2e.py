@@ -12,7 +12,10 @@ initialised here: this measures speed only (quality: ``bench/minilm_quality.py``
 
 Method: variants interleaved over ``--repeats`` rounds after one warm-up; median ms,
 tokens/s, ``speedup_vs_fp32`` and ``speedup_vs_best_dense`` (the fastest of fp32 / bf16 /
-int8-dynamic / compile in the same run). Each ``--threads`` value runs in its own process
+int8-dynamic / compile in the same run). ``lookupc-...+int8rest`` rows compose lookupc with
+dynamic int8 for the rest of the model (``lookupc.compose.quantize_rest``, eager PyTorch
+with the same kernels) and record the cosine of their pooled outputs against the fp32-rest
+lookupc model. Each ``--threads`` value runs in its own process
 (TVM's thread pool is sized once per process). The JSON records the CPU and its ISA.
 """
 
@@ -66,13 +69,31 @@ def build_artifact(model, example, lookup: str, schedule: str, out_dir: str):
     path = os.path.join(out_dir, f"{lookup}-{schedule}.lookupc")
     compile_artifact(result, loaded, host_target(), path, schedule=schedule, overwrite=True)
     report = result.report
-    return lookupc.load(path), report.flops_before, report.flops_after
+    return lookupc.load(path), report.flops_before, report.flops_after, result.module
 
 
-def run_model(name: str, sizes, lookups, schedules, repeats: int, compile_dense: bool) -> list:
+def _eager(module, schedule: str):
+    """The converted module in eager PyTorch with the lookupc ops on ``schedule``'s kernels."""
+    import lookupc
+
+    def run(*inputs):
+        with lookupc.set_schedule(schedule):
+            return module(*inputs)
+    return run
+
+
+def _pooled(out):
+
+    t = out[0] if isinstance(out, (tuple, list)) else getattr(out, "last_hidden_state", out)
+    return t.float().mean(1) if t.dim() == 3 else t.float().reshape(t.shape[0], -1)
+
+
+def run_model(name: str, sizes, lookups, schedules, repeats: int, compile_dense: bool,
+              rest_int8: bool = True) -> list:
     import torch
 
     from lookupc import baselines
+    from lookupc.compose import quantize_rest
 
     model, vocab = load(name)
     gen = torch.Generator().manual_seed(0)
@@ -87,10 +108,14 @@ def run_model(name: str, sizes, lookups, schedules, repeats: int, compile_dense:
         for lk in lookups:
             for sched in schedules:
                 t0 = time.perf_counter()
-                art, before, after = build_artifact(model, example, lk, sched, tmp)
+                art, before, after, converted = build_artifact(model, example, lk, sched, tmp)
                 print(f"  {name}: built lookupc {lk}/{sched} in {time.perf_counter() - t0:.0f} s "
                       f"(FFN FLOPs {before / after:.2f}x fewer)", file=sys.stderr)
                 lookup_variants[f"lookupc-{lk}-{sched}"] = (art, before / after)
+                if rest_int8:  # composed: the rest of the model in dynamic int8
+                    mixed = quantize_rest(converted, "int8")
+                    lookup_variants[f"lookupc-{lk}-{sched}+int8rest"] = (
+                        _eager(mixed, sched), before / after)
         for note in notes:
             print(f"  note: {note}", file=sys.stderr)
         for size in sizes:
@@ -109,6 +134,14 @@ def run_model(name: str, sizes, lookups, schedules, repeats: int, compile_dense:
                         fn()
                         times[v].append((time.perf_counter() - t) * 1e3)
             med = {v: statistics.median(ts) for v, ts in times.items()}
+            # fidelity cost of composing: int8 rest vs the same lookupc model in fp32
+            with torch.no_grad():
+                cos_rest = {}
+                for v in fns:
+                    if v.endswith("+int8rest"):
+                        base = _pooled(fns[v.removesuffix("+int8rest")]())
+                        cos_rest[v] = float(torch.nn.functional.cosine_similarity(
+                            _pooled(fns[v]()), base, dim=-1).mean())
             best_name, best = baselines.best_dense({v: med[v] for v in variants})
             for v, ts in times.items():
                 row = {"model": name, "size": size, "tokens": b * s, "variant": v,
@@ -118,6 +151,8 @@ def run_model(name: str, sizes, lookups, schedules, repeats: int, compile_dense:
                        "speedup_vs_best_dense": best / med[v], "best_dense": best_name}
                 if v in lookup_variants:
                     row["ffn_flops_ratio"] = lookup_variants[v][1]
+                if v in cos_rest:
+                    row["int8_rest_cosine_vs_fp32_rest"] = cos_rest[v]
                 rows.append(row)
             print_rows([r for r in rows if r["size"] == size and r["model"] == name])
     return rows
@@ -125,7 +160,7 @@ def run_model(name: str, sizes, lookups, schedules, repeats: int, compile_dense:
 
 def print_rows(rows) -> None:
     for r in rows:
-        print(f"{r['model']:9s} {r['size']:7s} t={r['threads']} {r['variant']:24s} "
+        print(f"{r['model']:9s} {r['size']:7s} t={r['threads']} {r['variant']:32s} "
               f"{r['ms_median']:9.1f} ms {r['tokens_per_s']:9.0f} tok/s "
               f"x fp32 {r['speedup_vs_fp32']:5.2f}  x best {r['speedup_vs_best_dense']:5.2f}"
               f"  ({r['best_dense']})", flush=True)
@@ -168,6 +203,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", default=str(os.cpu_count() or 1), help="e.g. 1,2")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    ap.add_argument("--no-int8-rest", action="store_true",
+                    help="skip lookupc + dynamic int8 for the rest of the model")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args(argv)
@@ -190,7 +227,7 @@ def main(argv=None) -> int:
     for name in args.models.split(","):
         sizes = args.sizes.split(",") if args.sizes else SIZES[name]
         rows += run_model(name, sizes, args.lookup.split(","), args.schedules.split(","),
-                          args.repeats, not args.no_compile)
+                          args.repeats, not args.no_compile, not args.no_int8_rest)
     return _finish(rows, args)
 
 

@@ -10,19 +10,12 @@ cheap, and each public name imports its module on first use.
 from __future__ import annotations
 
 import importlib
-import os
 
 __version__ = "0.1.0"
 
-# The project keeps passes/ and schedules/ at the top level of the source tree; an
-# installed wheel maps them to lookupc.passes / lookupc.schedules (pyproject). When
-# running from a source checkout, let the package find them there too.
-_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _sub in ("passes", "schedules"):
-    if (os.path.isfile(os.path.join(_root, _sub, "__init__.py"))
-            and not os.path.isdir(os.path.join(os.path.dirname(__file__), _sub))
-            and _root not in __path__):
-        __path__.append(_root)  # type: ignore[name-defined]
+# passes/ and schedules/ live at the top of the source tree; the package-dir mapping in
+# pyproject.toml (honoured by wheels and by editable installs alike) is the one place
+# that joins them into lookupc.passes / lookupc.schedules.
 
 # public name -> module that defines it
 _EXPORTS = {

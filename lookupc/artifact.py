@@ -225,7 +225,8 @@ def verify(path: str | os.PathLike, *, check_versions: bool = True) -> dict:
 
 # --- loading and running --------------------------------------------------------------------
 
-def load(path: str | os.PathLike, *, check_versions: bool = True) -> "Artifact":
+def load(path: str | os.PathLike, *, check_versions: bool = True, trusted_keys=None,
+         trust_artifact: bool = False, rebuild_kernels: bool = False) -> "Artifact":
     """Verify and load an artifact directory; returns a callable :class:`Artifact`.
 
     Parameters
@@ -234,12 +235,25 @@ def load(path: str | os.PathLike, *, check_versions: bool = True) -> "Artifact":
         Directory written by ``lookupc compile`` (or :func:`write_artifact`).
     check_versions : bool
         Refuse when lookupc/torch/TVM versions differ from those that built it.
+    trusted_keys : list of paths, optional
+        Public keys (``lookupc keygen``'s ``.pub``) whose signature makes the artifact's
+        ``kernels.so`` loadable, besides those in ``$LOOKUPC_TRUSTED_KEYS``
+        (:mod:`lookupc.signing`).
+    trust_artifact : bool
+        Load ``kernels.so`` even when it is not signed by a trusted key.
+    rebuild_kernels : bool
+        Never load ``kernels.so``: rebuild the kernels on this machine (what happens anyway
+        for an artifact not signed by a trusted key, unless ``trust_artifact``).
+
+    ``model.pt2`` is checked before it is deserialised (:mod:`lookupc.pt2_safety`):
+    ``torch.export.load`` can unpickle, and archives that would are refused.
 
     Raises
     ------
     ArtifactError
-        Verification failed, or this machine cannot execute the target's code (another
-        architecture, or instruction-set extensions this CPU lacks).
+        Verification failed, a signature does not verify, or this machine cannot execute
+        the target's code (another architecture, or instruction-set extensions this CPU
+        lacks).
 
     Examples
     --------
@@ -256,7 +270,15 @@ def load(path: str | os.PathLike, *, check_versions: bool = True) -> "Artifact":
         raise ArtifactError(f"{root}: cannot run this artifact here: {why}. Run it on a "
                             f"machine of its target ({manifest.get('target_string', spec)}), "
                             f"or compile for this one (lookupc compile ... --target host)")
-    return Artifact(root, manifest)
+    from . import signing
+
+    trust = signing.trust_of(root, manifest, signing.trusted_keys(trusted_keys)
+                             if (root / signing.SIGNATURE).is_file() else set())
+    if trust.kind == "invalid":
+        raise ArtifactError(f"{root}: {trust.describe()}: the artifact was changed after it "
+                            f"was signed; refusing to load it")
+    native = (trust.kind == "trusted" or trust_artifact) and not rebuild_kernels
+    return Artifact(root, manifest, trust=trust, native=native)
 
 
 class Artifact(torch.nn.Module):
@@ -275,19 +297,28 @@ class Artifact(torch.nn.Module):
         The dispatch schedule name under which the library's kernels are registered.
     """
 
-    def __init__(self, path: Path, manifest: dict):
-        from . import dispatch
-        from . import ops  # noqa: F401  (registers torch.ops.lookupc before loading)
+    def __init__(self, path: Path, manifest: dict, trust=None, native: bool = True):
+        from . import (
+            dispatch,
+            ops,  # noqa: F401  (registers torch.ops.lookupc before loading)
+        )
         from .model_io import load_inputs
 
         super().__init__()
+        from .pt2_safety import check_pt2
+
         self.path, self.manifest = Path(path), manifest
+        check_pt2(self.path / PROGRAM)  # torch.export.load can unpickle: refuse such archives
         self.program = torch.export.load(str(self.path / PROGRAM))
         self.module = self.program.module()
         self.output_names = list(manifest.get("program", {}).get("outputs", []))
         self.example_inputs = load_inputs(str(self.path / INPUTS)) \
             if (self.path / INPUTS).is_file() else ()
-        self.provider = _load_provider(self.path / manifest["library"], manifest)
+        self.trust = trust
+        self.kernel_source = ("artifact kernels.so" if native else
+                              "rebuilt on this machine (no native code from the artifact)")
+        self.provider = (_load_provider(self.path / manifest["library"], manifest) if native
+                         else _rebuilt_provider(manifest))
         self.schedule_name = f"artifact-{manifest['files'][manifest['library']]['sha256'][:12]}"
         provider = self.provider
         dispatch.register_provider(self.schedule_name, lambda: provider)
@@ -301,8 +332,20 @@ class Artifact(torch.nn.Module):
         from . import dispatch
 
         self._check_inputs(inputs)
-        with torch.no_grad(), dispatch.set_schedule(schedule or self.schedule_name):
-            out = self.module(*inputs)
+        try:
+            with torch.no_grad(), dispatch.set_schedule(schedule or self.schedule_name):
+                out = self.module(*inputs)
+        except (AssertionError, IndexError, RuntimeError) as err:
+            # e.g. a sequence longer than the model's positions: torch.export's guard
+            # (AssertionError) or the embedding lookup (IndexError) fails deep inside
+            text = " ".join(str(err).split())[:300] or type(err).__name__
+            shapes = ", ".join(str(tuple(t.shape)) for t in inputs if hasattr(t, "shape"))
+            compiled = ", ".join(str(tuple(e["shape"])) for e in
+                                 self.manifest.get("program", {}).get("inputs", []))
+            raise LookupcInputError(
+                f"the artifact cannot run inputs of shape {shapes} (compiled with {compiled}; "
+                f"a sequence longer than the model's positions is the usual cause): "
+                f"{type(err).__name__}: {text}") from err
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
     def _check_inputs(self, inputs: tuple) -> None:
@@ -323,6 +366,28 @@ def _load_provider(library: Path, manifest: dict) -> "LibraryProvider":
 
     shapes = [kernels.KernelShapes(**d) for d in manifest.get("kernels", [])]
     return LibraryProvider(kernels.load_library(str(library)), shapes)
+
+
+class _RebuiltLibrary:
+    """Kernels for an artifact's shapes built here (no native code from the artifact)."""
+
+    def __init__(self, manifest: dict):
+        from .targets import TargetSpec
+
+        self.target = TargetSpec.from_dict(manifest["target"]).to_tvm()
+        self.schedule = {"hand": "cpu"}.get(manifest.get("schedule"), manifest.get("schedule"))
+
+    def kernels(self, shapes):
+        from . import kernels
+
+        return kernels.build(shapes, target=self.target, schedule=self.schedule)
+
+
+def _rebuilt_provider(manifest: dict) -> "LibraryProvider":
+    from . import kernels
+
+    shapes = [kernels.KernelShapes(**d) for d in manifest.get("kernels", [])]
+    return LibraryProvider(_RebuiltLibrary(manifest), shapes)
 
 
 class LibraryProvider:
@@ -459,7 +524,8 @@ def _input_meta(loaded) -> list[dict]:
 
 def compile_artifact(result, loaded, spec, out_dir, *, schedule: str = "hand",
                      tuning_db: str | None = None, overwrite: bool = False,
-                     progress: bool = False, exported: tuple | None = None) -> tuple[dict, str]:
+                     progress: bool = False, exported: tuple | None = None,
+                     sign_key: str | None = None) -> tuple[dict, str]:
     """Export a converted model, build its kernels for ``spec`` and write an artifact.
 
     Parameters
@@ -477,6 +543,9 @@ def compile_artifact(result, loaded, spec, out_dir, *, schedule: str = "hand",
     exported : tuple, optional
         What :func:`lookupc.model_io.export_program` returned for ``result.module``, to
         compile one export for several targets without exporting again.
+    sign_key : path, optional
+        Ed25519 private key (``lookupc keygen``): writes ``signature.json``
+        (:mod:`lookupc.signing`).
 
     Returns
     -------
@@ -491,10 +560,9 @@ def compile_artifact(result, loaded, spec, out_dir, *, schedule: str = "hand",
         When the check runs and the outputs differ beyond the float32 tolerance of
         :mod:`lookupc.output_check` (the artifact stays on disk, named in the message).
     """
-    from tqdm import tqdm
-
     from . import kernels
     from .model_io import export_program
+    from .progress import progress as progress_bar
     from .targets import can_execute
 
     shapes = lookup_shapes(result.module)
@@ -502,8 +570,8 @@ def compile_artifact(result, loaded, spec, out_dir, *, schedule: str = "hand",
         raise LookupcInputError(f"{loaded.source}: no FFN was converted, nothing to compile "
                                 f"(see 'lookupc inspect' for why each FFN was skipped)")
     _prepare_dir(Path(out_dir), overwrite)
-    bar = tqdm(total=3 + len(shapes), desc="compile", unit="step", disable=not progress,
-               leave=False)
+    bar = progress_bar(total=3 + len(shapes), desc="compile", unit="step",
+                       disable=not progress, leave=False)
     bar.set_postfix_str("torch.export")
     program, names, flattened, dynamic = exported or export_program(result.module,
                                                                     loaded.example_inputs)
@@ -535,11 +603,17 @@ def compile_artifact(result, loaded, spec, out_dir, *, schedule: str = "hand",
     manifest = write_artifact(out_dir, program=program, example_inputs=loaded.example_inputs,
                               build_library=build_library, manifest_fields=fields,
                               overwrite=overwrite)
+    if sign_key:
+        from .signing import sign_artifact
+
+        sign_artifact(out_dir, sign_key)
     bar.update(1)
     ok, why = can_execute(spec)
     if ok:
         bar.set_postfix_str("checking")
-        outcome = check_against(load(out_dir), result.module, loaded.example_inputs)
+        # the library this process just built is checked as it is (trusted by construction)
+        outcome = check_against(load(out_dir, trust_artifact=True), result.module,
+                                loaded.example_inputs)
         check = outcome.line(_CHECK_WHAT)
     else:
         outcome, check = None, f"check   not run: this machine cannot execute the target ({why})"

@@ -322,14 +322,46 @@ def _inspect_artifact(path: str, json_path: str | None) -> None:
     click.echo(f"  target     {manifest.get('target_string')}")
     click.echo(f"  runs here  {'yes' if ok else 'no: ' + why}")
     click.echo(f"  schedule   {manifest.get('schedule')}")
-    click.echo(f"  versions   " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()))
+    click.echo("  versions   " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()))
     click.echo(f"  model      {manifest.get('model', {}).get('source')}")
     for k in manifest.get("kernels", []):
         click.echo(f"  kernels    {k}")
     for name, meta in manifest["files"].items():
         click.echo(f"  file       {name:20s} {meta['bytes']:>12,d} B  sha256 {meta['sha256'][:16]}")
     click.echo(f"  verify     {status}")
+    click.echo(f"  trust      {_trust_line(path, manifest)}")
     _write_json(json_path, manifest)
+
+
+def _trust_line(path: str, manifest: dict) -> str:
+    from . import signing
+
+    try:
+        trust = signing.trust_of(path, manifest, signing.trusted_keys())
+    except Exception as err:  # noqa: BLE001 - e.g. cryptography missing: say so
+        return f"cannot check the signature: {_one_line(err)}"
+    if trust.kind == "trusted":
+        return f"{trust.describe()}: kernels.so loads"
+    if trust.kind == "invalid":
+        return f"{trust.describe()}: refused"
+    return (f"{trust.describe()}: kernels.so does not load unless --trust-artifact; "
+            f"'lookupc run' rebuilds the kernels here instead")
+
+
+# --- keygen -----------------------------------------------------------------------------------
+
+@cli.command(context_settings=_CONTEXT)
+@click.argument("key", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Replace existing key files.")
+def keygen(key, force):
+    """Write an Ed25519 signing KEY (private, mode 0600) and KEY.pub for signing artifacts
+    ('lookupc compile --sign-key KEY'; trust it with 'lookupc run --trusted-key KEY.pub')."""
+    from .signing import default_keys_dir
+    from .signing import keygen as _keygen
+
+    pub, public = _keygen(key, overwrite=force)
+    click.echo(f"wrote {key} (private: keep it secret) and {pub} (public {public[:16]}...)")
+    click.echo(f"to trust it everywhere on this machine: copy {pub} into {default_keys_dir()}/")
 
 
 # --- convert ----------------------------------------------------------------------------------
@@ -389,11 +421,14 @@ def _kind_of_outputs(loaded) -> str:
 @click.option("--tuning-db", type=click.Path(file_okay=False), default=None,
               help="MetaSchedule database from 'lookupc tune' (for --schedule tuned).")
 @click.option("--force", is_flag=True, help="Replace an existing artifact directory.")
+@click.option("--sign-key", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Ed25519 private key from 'lookupc keygen': sign the artifact.")
 @_model_options
 @_convert_options
 @_policy_options
 @_fidelity_option
-def compile_(model, target, output, schedule, tuning_db, force, batch, seq_len, trust_pickle,
+def compile_(model, target, output, schedule, tuning_db, force, sign_key, batch, seq_len,
+             trust_pickle,
              tables, bits, block_size, init, calibration, seed, distill_option):
     """Convert MODEL and compile it into a deployable artifact directory for --target."""
     from .targets import parse_target
@@ -409,7 +444,8 @@ def compile_(model, target, output, schedule, tuning_db, force, batch, seq_len, 
     from .artifact import compile_artifact
 
     manifest, check = compile_artifact(result, loaded, spec, output, schedule=schedule,
-                                       tuning_db=tuning_db, overwrite=force, progress=True)
+                                       tuning_db=tuning_db, overwrite=force, progress=True,
+                                       sign_key=sign_key)
     click.echo(f"wrote {output}/ for {manifest['target_string']} ({schedule} schedule, "
                f"{len(manifest['kernels'])} LookupFFN shape(s))")
     for name, meta in manifest["files"].items():
@@ -432,13 +468,28 @@ def compile_(model, target, output, schedule, tuning_db, force, batch, seq_len, 
               help="Timed runs after one warm-up (0: run once, untimed).")
 @click.option("--ignore-versions", is_flag=True,
               help="Run even if lookupc/torch/TVM versions differ from the build's.")
-def run(artifact, input_path, output, check, repeat, ignore_versions):
+@click.option("--trusted-key", "trusted_key", multiple=True, type=click.Path(dir_okay=False),
+              help="Public key (lookupc keygen's .pub) whose signature lets the artifact's "
+                   "kernels.so load (repeatable; also every *.pub in $LOOKUPC_TRUSTED_KEYS).")
+@click.option("--trust-artifact", is_flag=True,
+              help="Load the artifact's kernels.so (native code) even if it is not signed by "
+                   "a trusted key.")
+@click.option("--rebuild-kernels", is_flag=True,
+              help="Never load kernels.so: rebuild the kernels here (the default for "
+                   "artifacts not signed by a trusted key).")
+def run(artifact, input_path, output, check, repeat, ignore_versions, trusted_key,
+        trust_artifact, rebuild_kernels):
     """Load an ARTIFACT directory (verifying it) and run it."""
     from .artifact import load
     from .model_io import load_inputs, save_inputs
 
     with _step(f"loading {artifact}"):
-        model = load(artifact, check_versions=not ignore_versions)
+        model = load(artifact, check_versions=not ignore_versions, trusted_keys=trusted_key,
+                     trust_artifact=trust_artifact, rebuild_kernels=rebuild_kernels)
+    click.echo(f"trust   {model.trust.describe()}; kernels: {model.kernel_source}"
+               + ("" if model.kernel_source.startswith("artifact") or rebuild_kernels else
+                  " (--trusted-key KEY.pub or --trust-artifact loads its kernels.so)"),
+               err=True)
     inputs = load_inputs(input_path) if input_path else model.example_inputs
     outputs = model(*inputs)
     times = []
@@ -447,7 +498,7 @@ def run(artifact, input_path, output, check, repeat, ignore_versions):
         model(*inputs)
         times.append(time.perf_counter() - t0)
     names = model.output_names or [f"output_{i}" for i in range(len(outputs))]
-    click.echo(f"inputs  " + ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+    click.echo("inputs  " + ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
                                        for t in inputs))
     for name, t in zip(names, outputs):
         click.echo(f"output  {name}: {tuple(t.shape)} {str(t.dtype).replace('torch.', '')} "
@@ -498,14 +549,13 @@ def tune(model, preset, target, db_dir, trials, cost_model, batch, seq_len, trus
         raise _usage(f"cannot tune for {spec} here: tuning measures the kernels, and {why}")
     shapes = _shapes_to_tune(model, preset, batch, seq_len, trust_pickle, tables, bits,
                              block_size)
-    from tqdm import tqdm
-
     from . import kernels
+    from .progress import progress, write
 
-    bar = tqdm(total=2 * len(shapes), desc="tune", unit="kernel")
+    bar = progress(total=2 * len(shapes), desc="tune", unit="kernel")
 
     def log(message: str) -> None:
-        tqdm.write(message, file=sys.stderr)
+        write(message)
         if message.endswith("skipped") or ": done in " in message:
             bar.update(1)
 
@@ -532,18 +582,10 @@ def _shapes_to_tune(model, preset, batch, seq_len, trust_pickle, tables, bits, b
 # --- compare ----------------------------------------------------------------------------------
 
 def _bench():
-    """``bench/ffn.py`` of the source checkout: the timing code ``compare`` reuses."""
-    import importlib.util as iu
-    from pathlib import Path
+    """The timing harness ``compare`` shares with bench/ffn.py (:mod:`lookupc.perf`)."""
+    from . import perf
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "ffn.py"
-    if not path.is_file():
-        raise _usage(f"'lookupc compare' runs the benchmark in the source checkout's "
-                     f"bench/ffn.py, which is not at {path}")
-    spec = iu.spec_from_file_location("lookupc_bench_ffn", path)
-    module = iu.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return perf
 
 
 def _preset(name: str, config=None) -> list:
@@ -600,7 +642,7 @@ def compare(schedules, configs, tokens, repeats, tables, bits, block_size, tunin
     """Time the LookupFFN kernel schedules side by side with the dense FFN (and the PyTorch
     reference ops) on random inputs; print a table, optionally write JSON and a PNG.
 
-    The timing is bench/ffn.py's: all cores, one warm-up, then interleaved rounds so
+    The timing is bench/ffn.py's (lookupc.perf): all cores, one warm-up, then interleaved rounds so
     load changes on a shared machine hit every variant alike."""
     threads = os.cpu_count() or 1
     os.environ.setdefault("TVM_NUM_THREADS", str(threads))
@@ -647,8 +689,9 @@ def compare(schedules, configs, tokens, repeats, tables, bits, block_size, tunin
 
 
 def _plot(rows: list[dict], path: str, machine: dict) -> None:
-    import matplotlib
+    from .extras import require
 
+    matplotlib = require("matplotlib", "lookupc compare --plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

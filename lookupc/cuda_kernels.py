@@ -223,7 +223,6 @@ class TirTrainingKernels:
         splits = cb.weight_grad_splits(rounds * reps, nb)
         tile = max(16 * splits, cb.round_tile(width))
         n_pad = _ceil_to(max(n, 1), tile)
-        m = n_pad // tile
         xp = _pad_rows(F.pad(x, (0, width - d_in)), n_pad).contiguous()
         gs = _pad_rows(grad_scores.contiguous(), n_pad).contiguous()
         w_t = weight.transpose(0, 1).contiguous()  # [rounds, R, nb, bs, bs]

@@ -27,9 +27,8 @@ capped at ``max_tokens``), fits it, and writes the held-out relative error
 from __future__ import annotations
 
 import math
-import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -637,14 +636,14 @@ def distill_conversion(result: Any, original_model: nn.Module, calibration: Any,
             run_item(original_model, items[0], 0)
         finally:
             original_model.train(modes[1])
-    from tqdm.auto import tqdm
+    from .progress import progress as progress_bar
 
     stats_all = []
     try:
         pre = _capture_original(module, reps, slots, items, opts) if opts.feed == "original" \
             else None
-        bar = tqdm(total=len(reps), desc="distill", unit="ffn", file=sys.stderr,
-                   disable=not opts.progress, dynamic_ncols=True)
+        bar = progress_bar(total=len(reps), desc="distill", unit="ffn",
+                           disable=not opts.progress)
         with bar:
             for i, rep in enumerate(reps):
                 bar.set_description(f"distill {rep.name}")

@@ -19,7 +19,6 @@ Gradients are clipped to norm 1.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -120,7 +119,7 @@ def finetune_model(student: nn.Module, teacher: nn.Module, items: list, *, steps
     t0 = time.perf_counter()
     stats = {"held_out_items": len(held) if len(items) >= 10 else 0, "eval_items": len(held),
              "before": output_error(student, teacher, held)}
-    from tqdm.auto import tqdm
+    from .progress import progress as progress_bar
 
     opt = torch.optim.Adam([{"params": hash_p, "lr": hash_lr}, {"params": table_p, "lr": lr}])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
@@ -132,8 +131,8 @@ def finetune_model(student: nn.Module, teacher: nn.Module, items: list, *, steps
     try:
         for p, _ in frozen:
             p.requires_grad_(False)
-        with tqdm(total=steps, desc="distill model", unit="step", file=sys.stderr,
-                  disable=not progress, dynamic_ncols=True) as bar:
+        with progress_bar(total=steps, desc="distill model", unit="step",
+                          disable=not progress) as bar:
             for step in range(steps):
                 if not order:
                     order = torch.randperm(len(train), generator=gen).tolist()

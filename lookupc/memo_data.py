@@ -36,7 +36,10 @@ def resolve_model_path(spec: str | os.PathLike) -> Path:
 
 def load_encoder(spec: str | os.PathLike, attn_implementation: str = "sdpa"):
     """``(model, tokenizer)`` of a local encoder in eval mode (no network)."""
-    from transformers import AutoModel, AutoTokenizer
+    from .extras import require
+
+    transformers = require("transformers", "the attention-memo encoder loader")
+    AutoModel, AutoTokenizer = transformers.AutoModel, transformers.AutoTokenizer  # noqa: N806
 
     path = resolve_model_path(spec)
     model = AutoModel.from_pretrained(path, attn_implementation=attn_implementation, local_files_only=True)

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from lookupc.errors import LookupcInputError
+from lookupc.extras import require
 
 __all__ = ["FORMAT", "MemoDatabaseError", "ModelFingerprint", "MemoStore", "StoreWriter", "BucketData"]
 
@@ -105,7 +106,7 @@ def bucket_stem(layer: int, seq_len: int) -> str:
 
 def new_index(dim: int, m: int = 32):
     """An empty HNSW index (L2) for ``dim``-wide keys; see the module docstring for why HNSW."""
-    import faiss
+    faiss = require("faiss", "the attention-memo store")
 
     index = faiss.IndexHNSWFlat(dim, m)
     index.hnsw.efConstruction = 80
@@ -198,7 +199,7 @@ def _read_manifest(path: Path) -> dict:
 
 
 def _open_bucket(path: Path, manifest: dict, entry: dict) -> BucketData:
-    import faiss
+    faiss = require("faiss", "the attention-memo store")
     from safetensors.torch import load_file
 
     from lookupc.memo_embed import EmbedConfig, HiddenStateEmbedder
@@ -274,7 +275,7 @@ class StoreWriter:
     def add_bucket(self, layer: int, seq_len: int, count: int, heads: int, index, embedder,
                    loo: np.ndarray, info: dict) -> None:
         """Write the index, embedder and leave-one-out data of a bucket whose APMs are filled in."""
-        import faiss
+        faiss = require("faiss", "the attention-memo store")
         from safetensors.torch import save_file
 
         stem = bucket_stem(layer, seq_len)

@@ -120,7 +120,7 @@ def load_model(spec: str, *, batch: int = 2, seq_len: int = 32,
     loader = {"hf": _load_hf, "pt2": _load_pt2, "factory": _load_factory,
               "pickle": _load_pickle}[kind]
     if kind == "pickle":
-        return loader(spec, trust_pickle=trust_pickle)
+        return loader(spec, trust_pickle=trust_pickle, batch=batch, seq_len=seq_len)
     if kind == "pt2":
         return loader(spec)
     return loader(spec, batch=batch, seq_len=seq_len)
@@ -138,8 +138,11 @@ def _load_hf(spec: str, *, batch: int, seq_len: int) -> LoadedModel:
         _fail(f"{spec}: no *.safetensors weights in the model directory{hint}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import torch
-    from transformers import AutoConfig, AutoModel
+
+    from .extras import require
+
+    transformers = require("transformers", "loading a Hugging Face model directory")
+    AutoConfig, AutoModel = transformers.AutoConfig, transformers.AutoModel  # noqa: N806
 
     try:
         config = AutoConfig.from_pretrained(spec, local_files_only=True)
@@ -153,13 +156,7 @@ def _load_hf(spec: str, *, batch: int, seq_len: int) -> LoadedModel:
     max_len = getattr(config, "max_position_embeddings", None)
     if max_len and seq_len > max_len:
         _fail(f"--seq-len={seq_len} exceeds the model's max_position_embeddings={max_len}")
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
-    inputs: tuple = (ids,)
-    names = ["input_ids"]
-    if "attention_mask" in inspect.signature(model.forward).parameters:
-        inputs += (torch.ones(batch, seq_len, dtype=torch.long),)
-        names.append("attention_mask")
+    inputs, names = _hf_example_inputs(model, vocab, batch, seq_len)
     info = {"architecture": type(model).__name__, "model_type": getattr(config, "model_type", ""),
             "hidden_size": getattr(config, "hidden_size", None),
             "intermediate_size": getattr(config, "intermediate_size", None),
@@ -167,11 +164,28 @@ def _load_hf(spec: str, *, batch: int, seq_len: int) -> LoadedModel:
     return LoadedModel(model, inputs, "hf", spec, names, info)
 
 
+def _hf_example_inputs(model, vocab: int, batch: int, seq_len: int) -> tuple[tuple, list]:
+    """Seeded token ids (and an all-ones attention mask when the model takes one)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
+    inputs: tuple = (ids,)
+    names = ["input_ids"]
+    if "attention_mask" in inspect.signature(model.forward).parameters:
+        inputs += (torch.ones(batch, seq_len, dtype=torch.long),)
+        names.append("attention_mask")
+    return inputs, names
+
+
 # --- torch.export programs ------------------------------------------------------------------
 
 def _load_pt2(spec: str) -> LoadedModel:
     import torch
 
+    from .pt2_safety import check_pt2
+
+    check_pt2(spec)  # torch.export.load can unpickle: refuse such archives first
     _ensure_lookupc_ops()
     extra = {PT2_EXTRA: ""}
     try:
@@ -238,15 +252,33 @@ def _ensure_lookupc_ops() -> None:
 
 # --- factories and pickles ------------------------------------------------------------------
 
-def _import_factory(spec: str):
-    module_name, _, attr = spec.partition(":")
+def _import_module(name: str):
+    """Import ``name`` as a console script would if it ran from this directory: the
+    current directory is on the path while importing (and only then)."""
     cwd = os.getcwd()
-    if cwd not in sys.path:
+    added = cwd not in sys.path
+    if added:
         sys.path.insert(0, cwd)
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(name)
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+def _import_factory(spec: str):
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = _import_module(module_name)
     except ImportError as err:
-        _fail(f"{spec}: cannot import module {module_name!r} ({err}); MODEL is {MODEL_HELP}")
+        # the bundled examples ship in the package as lookupc.examples: the README's
+        # `examples.tiny_bert:factory` works from any directory
+        if module_name.split(".")[0] != "examples":
+            _fail(f"{spec}: cannot import module {module_name!r} ({err}); MODEL is {MODEL_HELP}")
+        try:
+            module = importlib.import_module(f"lookupc.{module_name}")
+        except ImportError:
+            _fail(f"{spec}: cannot import module {module_name!r} ({err}); MODEL is {MODEL_HELP}")
     factory = getattr(module, attr, None)
     if not callable(factory):
         _fail(f"{spec}: module {module_name!r} has no callable {attr!r}")
@@ -278,7 +310,8 @@ def _split_model_inputs(obj, spec: str, what: str) -> tuple[Any, tuple]:
     return model, tuple(inputs)
 
 
-def _load_pickle(spec: str, *, trust_pickle: bool) -> LoadedModel:
+def _load_pickle(spec: str, *, trust_pickle: bool, batch: int = 2,
+                 seq_len: int = 32) -> LoadedModel:
     if not trust_pickle:
         _fail(f"{spec}: refusing to unpickle (loading a pickle runs code from the file); "
               f"pass --trust-pickle if you trust it, or give a .pt2, an HF safetensors dir or "
@@ -286,6 +319,19 @@ def _load_pickle(spec: str, *, trust_pickle: bool) -> LoadedModel:
     import torch
 
     obj = torch.load(spec, weights_only=False, map_location="cpu")
+    if isinstance(obj, torch.nn.Module):  # a bare model: an HF one gets token inputs
+        vocab = int(getattr(getattr(obj, "config", None), "vocab_size", 0) or 0)
+        if vocab < 1:
+            _fail(f"{spec}: the pickle holds a bare {type(obj).__name__} and lookupc cannot "
+                  f"make example inputs for it; save (model, example_inputs) instead "
+                  f"(torch.save((model, (x,)), path)) or give package.module:factory")
+        max_len = getattr(obj.config, "max_position_embeddings", None)
+        if max_len and seq_len > max_len:
+            _fail(f"--seq-len={seq_len} exceeds the model's max_position_embeddings={max_len}")
+        obj.eval()
+        inputs, names = _hf_example_inputs(obj, vocab, batch, seq_len)
+        return LoadedModel(obj, inputs, "pickle", spec, names,
+                           {"pickle": True, "architecture": type(obj).__name__})
     model, inputs = _split_model_inputs(obj, spec, "the pickle")
     return LoadedModel(model, inputs, "pickle", spec,
                        [f"input_{i}" for i in range(len(inputs))], {"pickle": True})
@@ -405,7 +451,11 @@ def load_inputs(path: str) -> tuple:
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        d = load_file(str(p))
+        try:
+            d = load_file(str(p))
+        except Exception as err:  # noqa: BLE001 - SafetensorError does not name the file
+            _fail(f"--input {path}: not a readable safetensors file "
+                  f"({' '.join(str(err).split())[:200]})")
         return tuple(d[k] for k in sorted(d, key=_natural))
     if p.suffix in (".npy", ".npz"):
         import numpy as np

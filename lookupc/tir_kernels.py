@@ -2,7 +2,7 @@
 
 Both are generic in the token count: ``n`` is a symbolic variable bound from the
 first input's shape at call time, so one build serves every batch x sequence.
-Everything else comes from :class:`lookupc.kernels.KernelShapes` (d_in, d_out,
+Everything else comes from :class:`lookupc.shapes.KernelShapes` (d_in, d_out,
 tables h, bits tau, BH4 block size BS, repeats R). The math is
 ``lookupc.reference``'s convention exactly (see its docstring).
 
@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 
 from . import tvm_shim
-from .kernels import KernelShapes
+from .shapes import KernelShapes
 
 tvm = tvm_shim.tvm
 from tvm import te, tirx  # noqa: E402

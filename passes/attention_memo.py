@@ -44,12 +44,10 @@ Examples
 from __future__ import annotations
 
 import copy
-import math
 import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np

@@ -24,13 +24,15 @@ Hash (compute-bound: ~0.5 MFLOP/token of 64x64 block matmuls at the paper config
 
 Gather (memory-bound: h random rows of d_out floats per token)
     Table-outer blocking: tables in groups of ``kb`` are the outer serial loop; inside,
-    tokens run in parallel and each token adds its ``kb`` rows into its ``y`` row. A group of ``kb`` tables (``kb * 2**tau *
-    d_out * 4`` bytes, 1 MiB per 2 tables at the paper config) stays in L2/L3 while every
+    tokens run in parallel and each token adds its ``kb`` rows into its ``y`` row. A group
+    of ``kb`` tables (``kb * 2**tau * d_out * 4`` bytes, 1 MiB per 2 tables at the paper
+    config) stays in L2/L3 while every
     token uses it, instead of each token streaming 128 random 2 KiB rows from DRAM. ``y``
     is re-read ``h / kb`` times from L2/L3 instead. Measured here (shared 2-core box,
     paper config, interleaved runs): kb=4 and 8 are within noise of each other (the notes'
-    quiet AVX-512 box: kb=4 13.3 ms, kb=1 16.2, kb=16 14.8 at N=4096); splitting the columns across threads instead of the
-    tokens (one parallel region, no per-group barrier) was 1.5-2x slower.
+    quiet AVX-512 box: kb=4 13.3 ms, kb=1 16.2, kb=16 14.8 at N=4096); splitting the
+    columns across threads instead of the tokens (one parallel region, no per-group
+    barrier) was 1.5-2x slower.
 
 Prefetch: ``s_tir.Schedule`` has no prefetch primitive. ``tirx.prefetch`` exists as a
 builtin (lowers to ``prefetcht0``) and can be issued from a write-free block beside the

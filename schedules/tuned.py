@@ -37,9 +37,16 @@ import warnings
 from typing import Any
 
 from lookupc import tir_kernels, tvm_shim
-from lookupc.schedules.cpu import (TOKEN_TILE, GatherKnobs, HashKnobs, pow2_divisor,
-                                   schedule_gather, schedule_hash, valid_gather_knobs,
-                                   valid_hash_knobs)
+from lookupc.schedules.cpu import (
+    TOKEN_TILE,
+    GatherKnobs,
+    HashKnobs,
+    pow2_divisor,
+    schedule_gather,
+    schedule_hash,
+    valid_gather_knobs,
+    valid_hash_knobs,
+)
 
 NAME = "tuned"
 TUNE_TOKENS = 1024
@@ -226,6 +233,10 @@ def tune(shapes_list: list, target: Any, db_dir: str, trials: int,
         raise ValueError(f"trials must be >= 1, got {trials}")
     if not tvm_shim.is_cpu_target(target):
         raise ValueError(f"the tuned schedule needs an llvm target, got {target.kind.name}")
+    if cost_model == "xgb":
+        from lookupc.extras import require
+
+        require("xgboost", "tuning with the XGBoost cost model (or pass cost_model='random')")
     ms = _ms()
     os.makedirs(db_dir, exist_ok=True)
     lanes = tvm_shim.vector_lanes(target)

@@ -261,3 +261,9 @@ def test_output_check_tolerance():
     assert not compare_outputs([ref[0] * float("nan")], ref).ok
     with pytest.raises(lookupc.LookupcError, match="outputs"):
         compare_outputs(ref * 2, ref)
+
+
+def test_too_long_input_is_a_clear_error(compiled):
+    model = lookupc.load(compiled[0])
+    with pytest.raises(lookupc.LookupcInputError, match=r"cannot run inputs of shape \(1, 600\)"):
+        model(torch.randint(0, 100, (1, 600)))

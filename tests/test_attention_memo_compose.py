@@ -11,7 +11,6 @@ pytest.importorskip("faiss")
 import lookupc  # noqa: E402
 from lookupc.module import LookupFFN  # noqa: E402
 from lookupc.passes import attention_memo as am  # noqa: E402
-
 from tests.test_attention_memo import EMBED, calib, out, tiny_bert, token_ids  # noqa: E402
 
 

@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from lookupc.memo_embed import (EmbedConfig, HiddenStateEmbedder, apm_distance, pair_distances, sample_pairs,
-                                train_embedder)
+from lookupc.memo_embed import (
+    EmbedConfig,
+    HiddenStateEmbedder,
+    apm_distance,
+    pair_distances,
+    sample_pairs,
+    train_embedder,
+)
 
 
 def test_apm_distance_is_mean_row_total_variation():

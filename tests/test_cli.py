@@ -1,6 +1,5 @@
 """The ``lookupc`` command's surface: fast help, lazy imports, one-line errors, MODEL parsing."""
 
-import os
 import subprocess
 import sys
 import time
@@ -90,6 +89,33 @@ def test_pickle_is_refused_without_the_flag(tmp_path):
     assert result.exit_code != 0 and "--trust-pickle" in result.output
     loaded = load_model(str(path), trust_pickle=True)
     assert loaded.kind == "pickle" and loaded.example_inputs[0].shape == (2, 8)
+
+
+def test_pickled_hf_model_gets_token_inputs_and_bare_modules_say_how(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=64,
+                                  max_position_embeddings=32)
+    path = tmp_path / "bert.pt"
+    torch.save(transformers.BertModel(cfg).eval(), path)
+    loaded = load_model(str(path), trust_pickle=True, batch=3, seq_len=7)
+    assert loaded.input_names == ["input_ids", "attention_mask"]
+    assert loaded.example_inputs[0].shape == (3, 7) and int(loaded.example_inputs[0].max()) < 50
+    with pytest.raises(LookupcInputError, match="exceeds the model's max_position_embeddings"):
+        load_model(str(path), trust_pickle=True, seq_len=64)
+    bare = tmp_path / "bare.pt"
+    torch.save(torch.nn.Linear(2, 2), bare)
+    with pytest.raises(LookupcInputError, match=r"save \(model, example_inputs\)"):
+        load_model(str(bare), trust_pickle=True)
+
+
+def test_truncated_safetensors_input_names_the_file(tmp_path):
+    good = tmp_path / "in.safetensors"
+    save_inputs((torch.zeros(2, 3),), str(good))
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(good.read_bytes()[:-7])
+    with pytest.raises(LookupcInputError, match="cut.safetensors: not a readable safetensors"):
+        load_inputs(str(bad))
 
 
 def test_factory_inputs_follow_batch_and_seq_len():

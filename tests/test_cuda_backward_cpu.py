@@ -14,7 +14,8 @@ import torch
 
 pytest.importorskip("tvm")
 
-from lookupc import dispatch, reference as ref  # noqa: E402
+from lookupc import dispatch  # noqa: E402
+from lookupc import reference as ref
 from lookupc.cuda_kernels import TirTrainingKernels  # noqa: E402
 from lookupc.errors import LookupcError  # noqa: E402
 

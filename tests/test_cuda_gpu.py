@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import lookupc
-from lookupc import dispatch, reference as ref
+from lookupc import dispatch
+from lookupc import reference as ref
 
 pytestmark = pytest.mark.gpu
 

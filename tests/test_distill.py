@@ -8,8 +8,15 @@ from torch import nn
 
 from lookupc import LookupConfig, LookupFFN
 from lookupc.calibration import calibration_items, run_item
-from lookupc.distill import (DistillOptions, finetune, fit_lookup_ffn, hash_target,
-                             hidden_target, relative_error, solve_tables)
+from lookupc.distill import (
+    DistillOptions,
+    finetune,
+    fit_lookup_ffn,
+    hash_target,
+    hidden_target,
+    relative_error,
+    solve_tables,
+)
 from lookupc.errors import LookupcInputError
 
 FAST = dict(progress=False, hash_steps=60, finetune_steps=40, batch_tokens=512)

@@ -8,11 +8,10 @@ import os
 
 import pytest
 import torch
+from test_kernels import check_hash, make_ffn, ref
 
 from lookupc import kernels as K
 from lookupc import tvm_shim
-
-from test_kernels import check_hash, make_ffn, ref
 
 
 @pytest.fixture(autouse=True)
@@ -73,3 +72,16 @@ def test_tuning_database_written_reloaded_and_used_without_retuning(tmp_path, mo
     assert tuned.best_knobs("gather", shapes, target, db) is not None
     kernels = K.build(shapes, target, schedule="tuned", tuning_db=db)
     _check_pair(m, kernels)
+
+
+def test_benchmark_rows_say_when_tuned_has_no_records(tmp_path):
+    """compare/bench label a tuned build without records as such, never as tuned."""
+    import torch
+
+    import lookupc
+    from lookupc import perf
+
+    ffn = lookupc.LookupFFN(24, 20, lookupc.LookupConfig(tables=12, bits=4, block_size=8))
+    names = perf.lookup_variants(ffn, torch.randn(16, 24), ["tuned"],  # prints a note
+                                 str(tmp_path / "empty"), 16)
+    assert "tvm-tuned-no-records" in names and "tvm-tuned" not in names

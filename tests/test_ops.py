@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lookupc import LookupConfig, LookupFFN, LookupcInputError
+from lookupc import LookupcInputError, LookupConfig, LookupFFN
 from lookupc import reference as ref
 
 

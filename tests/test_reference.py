@@ -1,10 +1,10 @@
 """lookupc's reference math and ops against the plain NumPy implementation in numpy_lookup."""
 
 import numpy as np
+import numpy_lookup as npl
 import pytest
 import torch
 
-import numpy_lookup as npl
 from lookupc import LookupConfig, LookupFFN
 from lookupc import reference as ref
 

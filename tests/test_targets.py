@@ -5,8 +5,7 @@ import pytest
 pytest.importorskip("tvm")
 
 from lookupc.errors import LookupcInputError  # noqa: E402
-from lookupc.targets import (ACCEPTED_KEYS, can_execute, host_target,  # noqa: E402
-                             missing_features, parse_target)
+from lookupc.targets import ACCEPTED_KEYS, can_execute, host_target, missing_features, parse_target  # noqa: E402
 
 
 def test_issue_examples_become_tvm_dicts():

@@ -1,0 +1,220 @@
+"""The timing harness that ``bench/ffn.py`` and ``lookupc compare`` share (an FFN, its
+one-line dense alternatives and the LookupFFN kernels, interleaved in one run).
+
+See ``bench/ffn.py`` for the method and the row fields. Part of the package (not of the
+checkout's ``bench/``) so that ``lookupc compare`` works from an installed wheel.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+import lookupc
+from lookupc import baselines
+from lookupc import reference as ref
+
+__all__ = ["CONFIGS", "SCHEDULES", "cpu_name", "read_bandwidth", "dense_ffn", "run_config",
+           "print_table"]
+
+CONFIGS = {
+    # name: (d_model, d_hidden, LookupConfig)
+    "tiny": (128, 512, lookupc.LookupConfig(tables=32, bits=8, block_size=64)),  # tiny_bert
+    "paper": (512, 2048, lookupc.LookupConfig(tables=128, bits=8, block_size=64)),
+    "minilm": (384, 1536, lookupc.LookupConfig(tables=96, bits=8, block_size=64)),
+    "bert-base": (768, 3072, lookupc.LookupConfig(tables=192, bits=8, block_size=64)),
+}
+SCHEDULES = ("naive", "cpu", "tuned")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def read_bandwidth(nbytes: int, seconds: float = 0.5) -> float:
+    """GB/s of ``torch.sum`` over a float32 buffer of ``nbytes``: the best call, with all
+    threads or with one, whichever reads faster.
+
+    Best of many calls: on a shared machine most calls lose a core to other jobs, and a
+    multi-threaded call then waits for its descheduled thread (one thread is then faster).
+    """
+    threads = torch.get_num_threads()
+    try:
+        rates = [_read_bandwidth(nbytes, seconds)]
+        if threads > 1:
+            torch.set_num_threads(1)
+            rates.append(_read_bandwidth(nbytes, seconds))
+    finally:
+        torch.set_num_threads(threads)
+    return max(rates)
+
+
+def _read_bandwidth(nbytes: int, seconds: float) -> float:
+    buf = torch.randn(nbytes // 4)
+    buf.sum()
+    best, calls, start = float("inf"), 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or calls < 50:
+        t = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t)
+        calls += 1
+    return nbytes / best / 1e9
+
+
+def dense_ffn(d: int, hidden: int) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.GELU(),
+                               torch.nn.Linear(hidden, d)).eval()
+
+
+def lookup_variants(ffn, x, schedules, tuning_db, naive_tokens):
+    """name -> (full fn, hash fn, gather fn, tokens it runs on)."""
+    from lookupc import kernels as K
+
+    p = {k: v.detach() for k, v in ffn.named_parameters()}
+    decay, bits = float(ffn.config.decay), ffn.config.bits
+    z = ref.hash_forward(x, p["bh4_weight"], p["hash_bias"], decay)
+    codes, scores = ref.codes_scores(z, bits)
+
+    def ref_hash():
+        return ref.codes_scores(ref.hash_forward(x, p["bh4_weight"], p["hash_bias"], decay), bits)
+
+    def ref_gather():
+        return ref.gather_forward(codes, scores, p["tables"], p["bias"])
+
+    out = {"lookup-reference": (lambda: ref.gather_forward(*ref_hash(), p["tables"], p["bias"]),
+                                ref_hash, ref_gather, x.shape[0])}
+    shapes = K.KernelShapes.of(ffn)
+    for name in schedules:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            k = K.build(shapes, schedule=name, tuning_db=tuning_db)
+        for w in caught:
+            print(f"  note: {w.message}", file=sys.stderr)
+        xs = x[:naive_tokens] if name == "naive" else x
+        cs, ss = codes[:xs.shape[0]], scores[:xs.shape[0]]
+        k.prepare_weight(ffn.bh4_weight)  # fold once, outside the timings (cached)
+
+        def full(k=k, xs=xs):
+            c, s = k.hash(xs, ffn.bh4_weight, p["hash_bias"], decay)
+            return k.gather(c, s, p["tables"], p["bias"])
+
+        # a tuned build without records runs the hand knobs: say so, never "tuned"
+        untuned = name == "tuned" and _without_records(shapes, tuning_db)
+        out[f"tvm-{name}-no-records" if untuned else f"tvm-{name}"] = (full,
+                              lambda k=k, xs=xs: k.hash(xs, ffn.bh4_weight, p["hash_bias"], decay),
+                              lambda k=k, cs=cs, ss=ss: k.gather(cs, ss, p["tables"], p["bias"]),
+                              xs.shape[0])
+    return out
+
+
+def _without_records(shapes, tuning_db) -> bool:
+    """True when the tuning database has no record for the hash or the gather of ``shapes``."""
+    from lookupc import tvm_shim
+    from lookupc.schedules.tuned import best_knobs, default_db_dir
+
+    target = tvm_shim.make_target(None)
+    db = tuning_db or default_db_dir()
+    return any(best_knobs(kind, shapes, target, db) is None for kind in ("hash", "gather"))
+
+
+def run_config(name: str, tokens: int, repeats: int, schedules, tuning_db, naive_tokens,
+               compile_dense: bool, bw_l3: float):
+    d, hidden, cfg = CONFIGS[name]
+    torch.manual_seed(0)
+    x = torch.randn(tokens, d)
+    dense = dense_ffn(d, hidden)
+    ffn = lookupc.LookupFFN(d, d, cfg).eval()
+    variants = {}  # name -> dict(fn, hash, gather, tokens)
+    notes: list = []
+    for vname, (module, cast) in baselines.dense_variants(
+            dense, (x,), compile_model=compile_dense, notes=notes).items():
+        xv = cast(x)
+        label = "dense" if vname == "fp32" else f"dense-{vname}"
+        variants[label] = dict(fn=lambda module=module, xv=xv: module(xv), tokens=tokens,
+                               dense=True)
+    for note in notes:
+        print(f"  note: {note}", file=sys.stderr)
+    for vname, (full, h, g, n) in lookup_variants(ffn, x, schedules, tuning_db,
+                                                  naive_tokens).items():
+        variants[vname] = dict(fn=full, hash=h, gather=g, tokens=n)
+
+    times = {v: {"full": [], "hash": [], "gather": []} for v in variants}
+    with torch.no_grad():
+        for v in variants.values():  # warm-up
+            v["fn"]()
+        for rnd in range(repeats):
+            for vname, v in variants.items():
+                if vname == "tvm-naive" and rnd >= 3:
+                    continue
+                times[vname]["full"].append(timed(v["fn"]))
+                if "hash" in v:
+                    times[vname]["hash"].append(timed(v["hash"]))
+                    times[vname]["gather"].append(timed(v["gather"]))
+
+    gather_bytes = tokens * cfg.tables * d * 4
+    bound_ms = gather_bytes / (bw_l3 * 1e9) * 1e3
+    rows = []
+    dense_med = statistics.median(times["dense"]["full"])
+    best_name, best_med = baselines.best_dense(
+        {v: statistics.median(times[v]["full"]) for v in variants if variants[v].get("dense")})
+    for vname, v in variants.items():
+        scale = tokens / v["tokens"]
+        t = {k: [s * scale for s in vals] for k, vals in times[vname].items()}
+        row = {"variant": vname, "config": name, "tokens": tokens,
+               "ms_median": statistics.median(t["full"]), "ms_min": min(t["full"]),
+               "runs": len(t["full"])}
+        row["speedup_vs_dense"] = dense_med / row["ms_median"]
+        row["speedup_vs_best_dense"] = best_med / row["ms_median"]
+        row["best_dense"] = best_name
+        if vname == "dense-bf16" and not (baselines.cpu_isa()["avx512_bf16"]
+                                         or baselines.cpu_isa()["amx_bf16"]):
+            row["note"] = "no native bf16 on this CPU (PyTorch emulates it)"
+        if t["hash"]:
+            row["hash_ms"] = statistics.median(t["hash"])
+            row["gather_ms"] = statistics.median(t["gather"])
+            row["gather_bound_ms"] = bound_ms
+            row["gather_vs_bound"] = row["gather_ms"] / bound_ms
+        if scale != 1:
+            row["note"] = (f"measured on {v['tokens']} tokens, {len(t['full'])} runs; "
+                           f"times scaled x{scale:g} to {tokens} tokens")
+        rows.append(row)
+    return rows
+
+
+def print_table(rows) -> None:
+    head = (f"{'config':10s} {'variant':19s} {'tokens':>6s} {'median ms':>10s} {'min ms':>8s} "
+            f"{'x dense':>8s} {'x best':>7s} {'hash ms':>8s} {'gather ms':>9s} {'g/bound':>7s}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        def f(key, fmt):
+            return format(r[key], fmt) if key in r else "-"
+        print(f"{r['config']:10s} {r['variant']:19s} {r['tokens']:6d} {r['ms_median']:10.2f} "
+              f"{r['ms_min']:8.2f} {r['speedup_vs_dense']:8.2f} "
+              f"{r['speedup_vs_best_dense']:7.2f} {f('hash_ms', '8.2f'):>8s} "
+              f"{f('gather_ms', '9.2f'):>9s} {f('gather_vs_bound', '7.2f'):>7s}"
+              + ("  *" if "note" in r else ""))
+    for r in rows:
+        if "note" in r:
+            print(f"* {r['variant']}: {r['note']}")
+    best = {r["config"]: r["best_dense"] for r in rows}
+    print("x best = fastest dense variant of the run / row: "
+          + ", ".join(f"{c}: {b}" for c, b in best.items()))
