@@ -348,6 +348,26 @@ def _trust_line(path: str, manifest: dict) -> str:
             f"'lookupc run' rebuilds the kernels here instead")
 
 
+# --- doctor -----------------------------------------------------------------------------------
+
+@cli.command(context_settings=_CONTEXT)
+@click.argument("artifact", required=False, type=click.Path())
+@click.option("--no-bench", is_flag=True, help="Skip the ~10-second micro-benchmark.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the report as JSON.")
+def doctor(artifact, no_bench, json_path):
+    """What lookupc gives you on this machine: CPU and ISA, threads, versions, kernel cache,
+    which provider the ops really dispatch to (and why they fall back), a micro-benchmark of
+    the kernels against this machine's bounds and the dense FFN, and whether ARTIFACT can
+    run here at full speed."""
+    from .doctor import diagnose, render
+
+    with _step("checking this machine" + ("" if no_bench else " (with a ~10 s benchmark)")):
+        report = diagnose(artifact, bench=not no_bench)
+    click.echo(render(report))
+    _write_json(json_path, report)
+
+
 # --- keygen -----------------------------------------------------------------------------------
 
 @cli.command(context_settings=_CONTEXT)
@@ -533,10 +553,12 @@ def run(artifact, input_path, output, check, repeat, ignore_versions, trusted_ke
               help="Measured candidates per kernel (records already in --db count).")
 @click.option("--cost-model", type=click.Choice(["xgb", "random"]), default="xgb",
               show_default=True, help="MetaSchedule cost model.")
+@click.option("--verbose", is_flag=True,
+              help="Show MetaSchedule's logs on the console (always in DB/logs/*.log).")
 @_model_options
 @_lookup_options
-def tune(model, preset, target, db_dir, trials, cost_model, batch, seq_len, trust_pickle,
-         tables, bits, block_size):
+def tune(model, preset, target, db_dir, trials, cost_model, verbose, batch, seq_len,
+         trust_pickle, tables, bits, block_size):
     """Tune the hash and gather kernels for MODEL's LookupFFN shapes into a persistent
     MetaSchedule database. Resumable: an interrupted run keeps every finished record,
     and kernels that already have --trials records are skipped. Use the result with
@@ -560,7 +582,12 @@ def tune(model, preset, target, db_dir, trials, cost_model, batch, seq_len, trus
             bar.update(1)
 
     try:
-        kernels.tune(shapes, spec.to_tvm(), db_dir, trials, cost_model=cost_model, log=log)
+        kernels.tune(shapes, spec.to_tvm(), db_dir, trials, cost_model=cost_model, log=log,
+                     verbose=verbose)
+    except KeyboardInterrupt:
+        bar.close()
+        raise click.ClickException(f"interrupted: every finished chunk of trials is kept in "
+                                   f"{db_dir}; run the same command again to resume") from None
     finally:
         bar.close()
     click.echo(f"tuned {len(shapes)} LookupFFN shape(s) for {spec} into {db_dir}; compile with "

@@ -22,6 +22,7 @@ outputs are kept in :attr:`LoadedModel.output_names`.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import json
 import os
@@ -310,6 +311,30 @@ def _split_model_inputs(obj, spec: str, what: str) -> tuple[Any, tuple]:
     return model, tuple(inputs)
 
 
+class _pickle_import_context:
+    """While unpickling: the current directory is importable (as for a factory), and a
+    pickle of the bundled examples (``examples.tiny_bert.TinyBert``) finds them in the
+    installed package when no ``examples`` package is on the path."""
+
+    def __enter__(self):
+        cwd = os.getcwd()
+        self.added = cwd not in sys.path
+        if self.added:
+            sys.path.insert(0, cwd)
+        self.aliased = False
+        if importlib.util.find_spec("examples") is None:
+            sys.modules["examples"] = importlib.import_module("lookupc.examples")
+            self.aliased = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        cwd = os.getcwd()
+        if self.added and cwd in sys.path:
+            sys.path.remove(cwd)
+        if self.aliased:
+            sys.modules.pop("examples", None)
+
+
 def _load_pickle(spec: str, *, trust_pickle: bool, batch: int = 2,
                  seq_len: int = 32) -> LoadedModel:
     if not trust_pickle:
@@ -318,7 +343,8 @@ def _load_pickle(spec: str, *, trust_pickle: bool, batch: int = 2,
               f"package.module:factory")
     import torch
 
-    obj = torch.load(spec, weights_only=False, map_location="cpu")
+    with _pickle_import_context():
+        obj = torch.load(spec, weights_only=False, map_location="cpu")
     if isinstance(obj, torch.nn.Module):  # a bare model: an HF one gets token inputs
         vocab = int(getattr(getattr(obj, "config", None), "vocab_size", 0) or 0)
         if vocab < 1:

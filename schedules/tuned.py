@@ -213,8 +213,46 @@ def _strategy(trials: int) -> Any:
         genetic_num_iters=2, max_fail_count=3)
 
 
+#: trials per tune_tir call: the most an interrupt can lose (see :func:`tune`)
+CHUNK = 4
+
+
+class _quiet_tvm_logs:
+    """MetaSchedule logs every step at DEBUG to the console (its console handler takes the
+    level of the ``tvm.s_tir.meta_schedule`` logger, DEBUG when unset) and to files under
+    the work directory. Unless ``verbose``, raise that logger to WARNING so the console
+    only shows problems; the files (``db_dir/logs/*.log``) keep everything."""
+
+    def __init__(self, scratch: str, verbose: bool):
+        self.verbose = verbose
+
+    def __enter__(self):
+        import logging
+
+        if not self.verbose:
+            self.logger = logging.getLogger("tvm.s_tir.meta_schedule")
+            self.level = self.logger.level
+            self.logger.setLevel(logging.WARNING)
+            self.filter = _DropLevelHint()
+            self.logger.addFilter(self.filter)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.verbose:
+            self.logger.setLevel(self.level)
+            self.logger.removeFilter(self.filter)
+
+
+class _DropLevelHint:
+    """Drops MetaSchedule's "Logging level set to WARNING, please set to INFO" line."""
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith("Logging level set to")
+
+
 def tune(shapes_list: list, target: Any, db_dir: str, trials: int,
-         cost_model: str = "xgb", kinds=("hash", "gather"), log=print) -> str:
+         cost_model: str = "xgb", kinds=("hash", "gather"), log=print,
+         verbose: bool = False) -> str:
     """Tune every kernel of ``shapes_list`` for ``target`` into ``db_dir`` (resumable).
 
     Parameters
@@ -228,6 +266,13 @@ def tune(shapes_list: list, target: Any, db_dir: str, trials: int,
         Measured candidates per kernel (records already there count).
     cost_model : str
         ``"xgb"`` (default) or ``"random"`` (cheaper for a handful of trials).
+    log : callable
+        Receives progress lines (one per chunk of ``CHUNK`` measured trials).
+    verbose : bool
+        Show MetaSchedule's logs on the console (they always go to ``db_dir/logs/*.log``).
+
+    Interrupting loses at most the ``CHUNK`` trials in flight: every finished chunk is in
+    the database, and a rerun continues from it.
     """
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
@@ -241,37 +286,94 @@ def tune(shapes_list: list, target: Any, db_dir: str, trials: int,
     os.makedirs(db_dir, exist_ok=True)
     lanes = tvm_shim.vector_lanes(target)
     jobs = [(kind, s) for s in shapes_list for kind in kinds]
-    for number, (kind, shapes) in enumerate(jobs, 1):
-        workload = _workload(kind, shapes)
-        db = _open_db(db_dir, create=True)
-        done = len(_records(db, workload))
-        cand = (_hash_candidates if kind == "hash" else _gather_candidates)(shapes, lanes)
-        size = 1
-        for values in cand.values():
-            size *= len(values)
-        todo = min(trials, size) - done  # a space smaller than `trials` is done when covered
-        label = f"[{number}/{len(jobs)}] {kind} {shapes.key}"
-        if todo <= 0:
-            log(f"{label}: {done} records in {db_dir} (space of {size}), skipped")
-            continue
-        log(f"{label}: tuning {todo} trials ({done} already recorded)...")
-        start = time.time()
-        space = _hash_space(shapes, lanes) if kind == "hash" else _gather_space(shapes, lanes)
-        builder, runner = _builder_runner(1 << shapes.bits)
-        with tempfile_dir(db_dir) as scratch:
-            ms.tune_tir(workload, target, scratch, max_trials_global=todo,
-                        num_trials_per_iter=min(todo, 16), builder=builder, runner=runner,
-                        database=db, cost_model=cost_model, strategy=_strategy(todo),
-                        num_tuning_cores=os.cpu_count() or 1, seed=0,
-                        space=ms.space_generator.ScheduleFn(space, sch_rules=[], postprocs=[],
-                                                            mutator_probs={}))
-        best = _records(db, workload)
-        secs = [float(sum(map(float, r.run_secs)) / len(r.run_secs)) for r in best if r.run_secs]
-        knobs = best_knobs(kind, shapes, target, db_dir)
-        log(f"{label}: done in {time.time() - start:.0f}s, {len(best)} records, best "
-            f"{min(secs) * 1e3:.2f} ms at {TUNE_TOKENS} tokens, knobs {knobs}" if secs else
-            f"{label}: done in {time.time() - start:.0f}s, no successful measurement")
+    with _StopOnInterrupt(log) as stop:
+        for number, (kind, shapes) in enumerate(jobs, 1):
+            _tune_one(ms, number, len(jobs), kind, shapes, target, db_dir, trials, lanes,
+                      cost_model, log, verbose, stop)
     return db_dir
+
+
+class _StopOnInterrupt:
+    """Ctrl-C during tuning: finish the chunk in flight, keep its records, then stop
+    (``KeyboardInterrupt``). A second Ctrl-C interrupts at once. MetaSchedule runs much of
+    a chunk in C++ and in worker pools, where a plain KeyboardInterrupt is swallowed or
+    lands mid-write; stopping between chunks is what keeps the database whole."""
+
+    def __init__(self, log):
+        self.log, self.requested, self.previous = log, False, None
+
+    def _handler(self, signum, frame) -> None:
+        import signal
+
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous or signal.default_int_handler)
+        self.log("interrupt: stopping after the trials in flight (Ctrl-C again to abort now)")
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread() and not self.requested:
+            signal.signal(signal.SIGINT, self.previous or signal.default_int_handler)
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+
+def _tune_one(ms, number, njobs, kind, shapes, target, db_dir, trials, lanes, cost_model,
+              log, verbose, stop) -> None:
+    """Tune one kernel in chunks (see :func:`tune`)."""
+    workload = _workload(kind, shapes)
+    db = _open_db(db_dir, create=True)
+    done = len(_records(db, workload))
+    cand = (_hash_candidates if kind == "hash" else _gather_candidates)(shapes, lanes)
+    size = 1
+    for values in cand.values():
+        size *= len(values)
+    todo = min(trials, size) - done  # a space smaller than `trials` is done when covered
+    label = f"[{number}/{njobs}] {kind} {shapes.key}"
+    if todo <= 0:
+        log(f"{label}: {done} records in {db_dir} (space of {size}), skipped")
+        return
+    log(f"{label}: tuning {todo} trials ({done} already recorded)...")
+    start = time.time()
+    space = _hash_space(shapes, lanes) if kind == "hash" else _gather_space(shapes, lanes)
+    builder, runner = _builder_runner(1 << shapes.bits)
+    measured = 0
+    with tempfile_dir(db_dir) as scratch, _quiet_tvm_logs(scratch, verbose):
+        # Phase: chunks of CHUNK trials. Each chunk's records are committed to the JSON
+        # database (one line per record, appended) before the next starts, so an
+        # interrupt loses at most the chunk in flight; a rerun resumes from the records.
+        while measured < todo:
+            stop.check()  # Ctrl-C: stop between chunks, the database whole
+            chunk = min(CHUNK, todo - measured)
+            ms.tune_tir(workload, target, scratch, max_trials_global=chunk,
+                        num_trials_per_iter=chunk, builder=builder, runner=runner,
+                        database=db, cost_model=cost_model, strategy=_strategy(chunk),
+                        num_tuning_cores=os.cpu_count() or 1, seed=done + measured,
+                        space=ms.space_generator.ScheduleFn(space, sch_rules=[],
+                                                            postprocs=[], mutator_probs={}))
+            now = len(_records(db, workload))
+            if now <= done + measured:  # nothing new: the space is exhausted
+                break
+            measured = now - done
+            log(f"{label}: {measured}/{todo} trials measured "
+                f"({time.time() - start:.0f}s)")
+    best = _records(db, workload)
+    secs = [float(sum(map(float, r.run_secs)) / len(r.run_secs)) for r in best if r.run_secs]
+    knobs = best_knobs(kind, shapes, target, db_dir)
+    log(f"{label}: done in {time.time() - start:.0f}s, {len(best)} records, best "
+        f"{min(secs) * 1e3:.2f} ms at {TUNE_TOKENS} tokens, knobs {knobs}" if secs else
+        f"{label}: done in {time.time() - start:.0f}s, no successful measurement")
 
 
 class tempfile_dir:

@@ -227,3 +227,16 @@ def test_sixteen_bit_tables_on_minilm_sized_ffns_fail_before_allocating(monkeypa
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 1 << 30
+
+
+def test_a_pickle_of_the_bundled_example_loads_from_any_directory(tmp_path):
+    """torch.save of examples.tiny_bert's model names module 'examples.tiny_bert'; with
+    --trust-pickle it loads outside the checkout too (found in lookupc.examples)."""
+    pt = tmp_path / "tb.pt"
+    code = ("import torch; from examples.tiny_bert import factory; m, x = factory(); "
+            f"torch.save((m, x), {str(pt)!r})")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "lookupc.cli", "inspect", str(pt), "--trust-pickle"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "2 FFN(s) replaced" in r.stdout

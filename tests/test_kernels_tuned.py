@@ -85,3 +85,45 @@ def test_benchmark_rows_say_when_tuned_has_no_records(tmp_path):
     names = perf.lookup_variants(ffn, torch.randn(16, 24), ["tuned"],  # prints a note
                                  str(tmp_path / "empty"), 16)
     assert "tvm-tuned-no-records" in names and "tvm-tuned" not in names
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="SIGINT delivered while MetaSchedule's worker pool "
+                   "runs still ends the process with TVM's traceback instead of the clean "
+                   "'interrupted' line in some runs; records are kept (open in issue 17)")
+def test_interrupted_tune_keeps_its_records_and_resumes(tmp_path):
+    """SIGINT after the first committed chunk: the records stay, and a rerun completes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    db = tmp_path / "db"
+    cmd = [sys.executable, "-m", "lookupc.cli", "tune", "--config", "64x256", "--db", str(db),
+           "--trials", "12", "--cost-model", "random"]
+    records = db / "database_tuning_record.json"
+
+    def count() -> int:
+        return len(records.read_text().splitlines()) if records.is_file() else 0
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, LOOKUPC_CACHE_DIR=str(tmp_path / "cache")))
+    deadline = time.time() + 600
+    while count() == 0 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert count() > 0, "no record was committed"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    kept = count()
+    assert kept > 0
+    if proc.returncode != 0:  # interrupted (it may also have finished just before the signal)
+        assert "interrupted" in err and "resume" in err, err[-2000:]
+    assert "DEBUG" not in err  # TVM's logs went to the log file
+    # per-chunk progress lines
+    assert "trials measured" in err or "skipped" in err, err[-2000:]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, LOOKUPC_CACHE_DIR=str(tmp_path / "cache")))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert count() >= kept
+    assert "already recorded" in r.stderr or "skipped" in r.stderr
+    assert list((db / "logs").glob("*.log"))  # TVM's logs, in files
