@@ -254,11 +254,12 @@ def _finish(rows, args) -> int:
     import torch
 
     from lookupc import baselines, tvm_shim
+    from lookupc.perf import cpu_name
 
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"machine": {"cpu": _cpu_name(), "llvm_mcpu": tvm_shim.llvm_get_system_cpu(),
+            json.dump({"machine": {"cpu": cpu_name(), "llvm_mcpu": tvm_shim.llvm_get_system_cpu(),
                                    "isa": baselines.cpu_isa(), "logical_cpus": os.cpu_count(),
                                    "torch": torch.__version__, "tvm": tvm_shim.tvm_version(),
                                    "python": platform.python_version(),
@@ -268,17 +269,6 @@ def _finish(rows, args) -> int:
     if args.plot:
         plot(rows, args.plot)
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

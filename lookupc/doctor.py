@@ -158,9 +158,10 @@ def diagnose(artifact: str | None = None, bench: bool = True, seconds: float = 6
     import torch
 
     from . import baselines, tvm_shim
+    from .perf import cpu_name
 
     report = {
-        "cpu": {"model": _cpu_model(), "arch": platform.machine(),
+        "cpu": {"model": cpu_name(), "arch": platform.machine(),
                 "llvm_mcpu": tvm_shim.llvm_get_system_cpu(), "isa": baselines.cpu_isa(),
                 "vector_lanes_fp32": tvm_shim.vector_lanes(tvm_shim.make_target(None))},
         "threads": {"cpus": os.cpu_count(), "torch": torch.get_num_threads(),
@@ -175,17 +176,6 @@ def diagnose(artifact: str | None = None, bench: bool = True, seconds: float = 6
     if artifact:
         report["artifact"] = _artifact(artifact)
     return report
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def render(r: dict) -> str:
