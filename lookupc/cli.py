@@ -165,8 +165,11 @@ def _convert_options(f):
     f = click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the LookupFFN initialisation (conversions are reproducible).")(f)
     f = click.option("--calibration", type=click.Path(dir_okay=False), default=None,
-                     help="Calibration batch for --init distill (model inputs as .pt, "
-                          ".safetensors or .npz; default: the example inputs).")(f)
+                     help="Calibration for --init distill: text (.txt, one sentence per "
+                          "line, or .jsonl with a 'text' field; needs the model's tokenizer) "
+                          "or one batch of model inputs (.pt, .safetensors, .npz). Default: "
+                          "the stdlib docstrings for a Hugging Face model with a tokenizer, "
+                          "else the example inputs.")(f)
     f = click.option("--init", "init", type=click.Choice(["random", "distill"]),
                      default="random", show_default=True,
                      help="Initialise LookupFFNs randomly or distil them from the dense FFNs.")(f)
@@ -218,8 +221,14 @@ def _calibration(path: str | None, loaded, init: str):
         if path:
             raise _usage("--calibration is only used with --init distill")
         return None
+    from .calibration_text import default_sentences, is_text_file, tokenizer_for
+
     if path is None:
+        if loaded.kind == "hf" and tokenizer_for(loaded.module, loaded.source) is not None:
+            return [s for _, s in default_sentences()]  # the stdlib docstrings
         return [loaded.example_inputs]
+    if is_text_file(path):
+        return path
     from .model_io import load_inputs
 
     return [load_inputs(path)]
@@ -265,8 +274,13 @@ def _convert(loaded, config, init, calibration, seed, distill_options=None):
     policy = dict(ctx.meta.get("lookupc.policy", {})) if ctx else {}
     mib = policy.pop("max_table_mib", None)
     with _step(f"converting ({init} init)"):
+        tokenizer = None
+        if init == "distill" and loaded.kind == "hf":
+            from .calibration_text import tokenizer_for
+
+            tokenizer = tokenizer_for(loaded.module, loaded.source)
         return lookupc.convert(loaded.module, loaded.example_inputs, config=config, init=init,
-                               calibration=items, distill_options=distill_options or None,
+                               calibration=items, tokenizer=tokenizer, distill_options=distill_options or None,
                                force=bool(policy.get("force")),
                                max_table_bytes=None if mib is None else int(mib * 2**20),
                                min_fidelity=policy.get("min_fidelity"))

@@ -26,7 +26,9 @@ capped at ``max_tokens``), fits it, and writes the held-out relative error
 
 from __future__ import annotations
 
+import inspect
 import math
+import os
 import time
 from dataclasses import dataclass, fields
 from typing import Any
@@ -89,6 +91,15 @@ class DistillOptions:
         Adam steps (one calibration item each; 0 skips it) on the converted model's
         output error against the original model, and the learning rates of the tables
         and of the hash.
+    model_train, model_rest_lr : str, float
+        ``"lookup"``: only the LookupFFNs train; ``"all"``: every other parameter of the
+        converted model too, at ``model_rest_lr`` (it adapts to the LookupFFNs' errors).
+    model_cosine_weight, model_layers : float, bool
+        Weight of ``1 - cosine`` of the pooled output in the whole-model loss, and
+        whether to match every hidden state (models that return ``hidden_states``).
+    checkpoint, checkpoint_every, resume : str or None, int, bool
+        Whole-model distillation checkpoint file (written atomically every
+        ``checkpoint_every`` steps and at the end) and whether to continue from it.
     seed : int
         Seed of the token split and the minibatch order.
     progress : bool
@@ -112,6 +123,13 @@ class DistillOptions:
     model_steps: int = 0
     model_lr: float = 3e-4
     model_hash_lr: float = 3e-5
+    model_train: str = "lookup"
+    model_rest_lr: float = 2e-5
+    model_cosine_weight: float = 0.0
+    model_layers: bool = True
+    checkpoint: str | None = None
+    checkpoint_every: int = 50
+    resume: bool = False
     seed: int = 0
     progress: bool = True
 
@@ -131,11 +149,19 @@ class DistillOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0 or (name == "batch_tokens" and value < 1):
                 raise ValueError(f"distill option {name} must be a non-negative int, got {value!r}")
+        if self.model_train not in ("lookup", "all"):
+            raise ValueError(f"distill option model_train must be 'lookup' or 'all', got "
+                             f"{self.model_train!r}")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
+            raise ValueError(f"distill option checkpoint_every must be an int >= 1, got "
+                             f"{self.checkpoint_every!r}")
+        if self.resume and not self.checkpoint:
+            raise ValueError("distill option resume=True needs checkpoint=<path>")
         if not self.ridge_grid or any(float(m) <= 0.0 for m in self.ridge_grid):
             raise ValueError(f"distill option ridge_grid must be positive multipliers, got "
                              f"{self.ridge_grid!r}")
         for name in ("hash_lr", "hash_scale", "ridge", "finetune_lr", "finetune_hash_lr",
-                     "model_lr", "model_hash_lr"):
+                     "model_lr", "model_hash_lr", "model_rest_lr", "model_cosine_weight"):
             if not float(getattr(self, name)) >= 0.0:
                 raise ValueError(f"distill option {name} must be >= 0, got {getattr(self, name)!r}")
 
@@ -584,8 +610,29 @@ def _set_rel_error(entry: Any, value: float) -> None:
         object.__setattr__(entry, "rel_error", value)
 
 
+def _text_items(calibration: Any, model: nn.Module, tokenizer: Any) -> Any:
+    """Calibration given as text (a .txt/.jsonl path or a list of sentences) -> model inputs,
+    tokenised with ``tokenizer`` or the one stored with the model; anything else as is."""
+    from . import calibration_text as ct
+
+    if isinstance(calibration, (str, os.PathLike)):
+        if not ct.is_text_file(str(calibration)):
+            raise LookupcInputError(f"calibration {calibration}: a file path must end in "
+                                    f"{' or '.join(ct.TEXT_SUFFIXES)} (text for the tokenizer)")
+        source = str(calibration)
+        sentences = ct.read_sentences(source)
+    elif isinstance(calibration, (list, tuple)) and calibration and all(
+            isinstance(s, str) for s in calibration):
+        source, sentences = "calibration sentences", list(calibration)
+    else:
+        return calibration
+    tok = tokenizer if tokenizer is not None else ct.tokenizer_for(model)
+    accepted = set(inspect.signature(model.forward).parameters)
+    return ct.tokenize(tok, sentences, source=source, accepted=accepted)
+
+
 def distill_conversion(result: Any, original_model: nn.Module, calibration: Any,
-                       **options: Any) -> list[dict]:
+                       tokenizer: Any = None, **options: Any) -> list[dict]:
     """Fit every LookupFFN of a conversion to the dense FFN it replaced.
 
     Called by ``lookupc.convert(..., init="distill")``. Layer by layer (in
@@ -604,9 +651,14 @@ def distill_conversion(result: Any, original_model: nn.Module, calibration: Any,
         From ``lookupc.convert``; ``result.module`` is changed in place.
     original_model : nn.Module
         The unconverted model (only used to check the calibration items fit it).
-    calibration : iterable
+    calibration : iterable or str
         Example inputs: tuples of positional args, dicts of keyword args or tensors.
-        An ``attention_mask`` kwarg shaped like the tokens drops padding tokens.
+        An ``attention_mask`` kwarg shaped like the tokens drops padding tokens. Or
+        text: a list of sentences, or the path of a ``.txt`` (one per line) or ``.jsonl``
+        (``text`` field) file, tokenised with ``tokenizer``.
+    tokenizer : optional
+        A Hugging Face tokenizer for text calibration (default: the one in the model's
+        directory, ``model.config._name_or_path``).
     **options
         Fields of :class:`DistillOptions`.
 
@@ -622,7 +674,7 @@ def distill_conversion(result: Any, original_model: nn.Module, calibration: Any,
         model cannot run (the message names the item and the model's error).
     """
     opts = DistillOptions.from_kwargs(**options)
-    items = calibration_items(calibration)
+    items = calibration_items(_text_items(calibration, original_model, tokenizer))
     reps = list(result.replacements)
     if not reps:
         return []
@@ -665,7 +717,10 @@ def distill_conversion(result: Any, original_model: nn.Module, calibration: Any,
             from .distill_model import finetune_model
             result.report.model_error = finetune_model(
                 module, original_model, items, steps=opts.model_steps, lr=opts.model_lr,
-                hash_lr=opts.model_hash_lr, seed=opts.seed, progress=opts.progress)
+                hash_lr=opts.model_hash_lr, rest_lr=opts.model_rest_lr, train=opts.model_train,
+                cosine_weight=opts.model_cosine_weight, layers=opts.model_layers,
+                seed=opts.seed, progress=opts.progress, checkpoint=opts.checkpoint,
+                checkpoint_every=opts.checkpoint_every, resume=opts.resume)
     finally:
         module.train(modes[0])
     return stats_all

@@ -186,7 +186,7 @@ def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
             init: str = "random", calibration: Any = None,
             distill_options: dict | None = None, *, force: bool = False,
             max_table_bytes: int | None = None,
-            min_fidelity: float | None = None) -> ConversionResult:
+            min_fidelity: float | None = None, tokenizer: Any = None) -> ConversionResult:
     """Replace every Linear -> GELU -> Linear of ``model`` with a LookupFFN.
 
     Parameters
@@ -203,7 +203,8 @@ def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
         'random' keeps the LookupFFN's random init; 'distill' fits each LookupFFN
         to the dense FFN it replaces on ``calibration`` (see ``lookupc.distill``).
     calibration : optional
-        Calibration inputs for ``init='distill'``.
+        Calibration inputs for ``init='distill'``: example inputs, or text (a list of
+        sentences, a ``.txt``/``.jsonl`` path) tokenised with ``tokenizer``.
     distill_options : dict, optional
         Keyword arguments of ``lookupc.distill.distill_conversion``.
     force : bool
@@ -217,6 +218,9 @@ def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
     min_fidelity : float, optional
         Refuse (``LookupcError``) when the pooled-output cosine with the original model on
         the example inputs (``report.fidelity``, :mod:`lookupc.fidelity`) is below it.
+    tokenizer : optional
+        Hugging Face tokenizer for text calibration (default: the one saved in the
+        model's directory, when there is one).
 
     Returns
     -------
@@ -271,7 +275,8 @@ def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
         [_matched(by_name[r.name], r.lookup) for r in replacements], skipped)
     result = ConversionResult(module, report, replacements)
     if distill is not None:
-        distill(result, model, calibration, **(distill_options or {}))
+        extra = {} if tokenizer is None else {"tokenizer": tokenizer}
+        distill(result, model, calibration, **extra, **(distill_options or {}))
     if replacements:
         _measure_fidelity(result, model, example_inputs, init, min_fidelity)
     return result

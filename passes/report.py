@@ -105,8 +105,11 @@ class ConversionReport:
             where = (f"{e['held_out_items']} held-out calibration item(s)" if e["held_out_items"]
                      else f"its {e.get('eval_items', '?')} training item(s) (under 10 items: none "
                           f"held out)")
-            lines.append(f"whole-model distillation ({e['steps']} steps): output rel. error "
-                         f"{e['before']:.4f} -> {e['after']:.4f} on {where}")
+            cos = (f", pooled cosine {e['cosine_before']:.4f} -> {e['cosine_after']:.4f}"
+                   if "cosine_after" in e else "")
+            stop = " (interrupted; resume from the checkpoint)" if e.get("interrupted") else ""
+            lines.append(f"whole-model distillation ({e['steps']} steps{stop}): output rel. "
+                         f"error {e['before']:.4f} -> {e['after']:.4f}{cos} on {where}")
         if self.fidelity is not None:
             from lookupc.fidelity import describe
 
