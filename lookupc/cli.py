@@ -158,7 +158,21 @@ def _fidelity_option(f):
                              "original on the example inputs is below this.")(f)
 
 
+def _store_distill(ctx, param, value):
+    if value:
+        ctx.meta.setdefault("lookupc.distill", {})[param.name] = value
+    return value
+
+
 def _convert_options(f):
+    f = click.option("--resume", is_flag=True, expose_value=False, callback=_store_distill,
+                     help="Continue the whole-model distillation from --checkpoint (same "
+                          "model, sizes and options; a mismatch is an error).")(f)
+    f = click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+                     expose_value=False, callback=_store_distill,
+                     help="Whole-model distillation checkpoint, written atomically every "
+                          "checkpoint_every steps (Ctrl-C once: stop after the step and keep "
+                          "the best parameters; --resume continues).")(f)
     f = click.option("--distill-option", "distill_option", multiple=True, metavar="KEY=VALUE",
                      help="A lookupc.distill.DistillOptions field for --init distill, e.g. "
                           "model_steps=100 or hash_source=hidden (repeatable).")(f)
@@ -238,9 +252,15 @@ def _distill_options(pairs, init: str) -> dict:
     """``KEY=VALUE`` strings to a dict of Python literals (strings stay strings)."""
     import ast
 
+    ctx = click.get_current_context(silent=True)
+    flags = dict(ctx.meta.get("lookupc.distill", {})) if ctx else {}
     if pairs and init != "distill":
         raise _usage("--distill-option is only used with --init distill")
-    out = {}
+    if flags and init != "distill":
+        raise _usage(f"--{sorted(flags)[0]} is only used with --init distill")
+    if flags.get("resume") and not flags.get("checkpoint"):
+        raise _usage("--resume needs --checkpoint FILE")
+    out = dict(flags)
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
@@ -280,7 +300,8 @@ def _convert(loaded, config, init, calibration, seed, distill_options=None):
 
             tokenizer = tokenizer_for(loaded.module, loaded.source)
         return lookupc.convert(loaded.module, loaded.example_inputs, config=config, init=init,
-                               calibration=items, tokenizer=tokenizer, distill_options=distill_options or None,
+                               calibration=items, tokenizer=tokenizer,
+                               distill_options=distill_options or None,
                                force=bool(policy.get("force")),
                                max_table_bytes=None if mib is None else int(mib * 2**20),
                                min_fidelity=policy.get("min_fidelity"))

@@ -269,7 +269,7 @@ def finetune_model(student: nn.Module, teacher: nn.Module, items: list, *, steps
     if train not in TRAIN_SCOPES:
         raise LookupcInputError(f"train must be one of {TRAIN_SCOPES}, got {train!r}")
     lookups = [m for m in student.modules() if isinstance(m, LookupFFN)]
-    if not lookups or steps <= 0:
+    if (not lookups and train != "all") or steps <= 0:
         return {}
     if resume and not checkpoint:
         raise LookupcInputError("resume=True needs checkpoint=<path>")

@@ -64,6 +64,10 @@ def test_a_bad_path_fails_in_one_line_without_loading_torch():
       "--distill-option", "model_steps"], "wants KEY=VALUE"),
     (["convert", "examples.tiny_bert:factory", "-o", "x.pt2", "--init", "distill",
       "--distill-option", "feed=dense"], "feed must be 'converted' or 'original'"),
+    (["convert", "examples.tiny_bert:factory", "-o", "x.pt2", "--checkpoint", "c.ckpt"],
+     "--checkpoint is only used with --init distill"),
+    (["convert", "examples.tiny_bert:factory", "-o", "x.pt2", "--init", "distill",
+      "--resume"], "--resume needs --checkpoint FILE"),
 ])
 def test_errors_are_one_line_on_stderr(args, needle):
     result = CliRunner().invoke(cli, args)
@@ -174,6 +178,24 @@ def test_convert_with_distill_options(tmp_path):
     assert "whole-model distillation (2 steps)" in result.stdout
     assert "its 1 training item(s) (under 10 items: none held out)" in result.stdout
     assert out.exists()
+
+
+def test_checkpoint_and_resume_flags(tmp_path):
+    ckpt = tmp_path / "d.ckpt"
+    args = ["convert", "examples.tiny_bert:factory", "-o", str(tmp_path / "m.pt2"), "--init",
+            "distill", "--distill-option", "hash_steps=2", "--distill-option", "finetune_steps=0",
+            "--distill-option", "model_steps=2", "--distill-option", "progress=False",
+            "--checkpoint", str(ckpt)]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert ckpt.exists()
+    r = CliRunner().invoke(cli, args + ["--resume"])
+    assert r.exit_code == 0, r.output
+    assert "whole-model distillation (2 steps)" in r.stdout
+    r = CliRunner().invoke(cli, args[:-4] + ["--distill-option", "model_steps=3", "--checkpoint",
+                                             str(ckpt), "--resume"])
+    assert r.exit_code != 0 and "belongs to a different run (steps: checkpoint 2 vs now 3" in \
+        r.stderr, r.output
 
 
 def test_one_size_flag_keeps_the_other_per_ffn_defaults():
