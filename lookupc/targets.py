@@ -82,8 +82,9 @@ class TargetSpec:
         LLVM CPU name; ``None`` means LLVM's generic CPU for the triple.
     mattr : tuple of str
         Extra features, each ``+name`` or ``-name``.
-    num_cores : int
-        Threads the kernels are tuned for.
+    num_cores : int or None
+        Threads the kernels are tuned for; None (not stated) for a cross-compiled target
+        given without ``-num-cores``.
     text : str
         The target string this spec was parsed from (normalised).
     """
@@ -92,7 +93,7 @@ class TargetSpec:
     mtriple: str
     mcpu: str | None
     mattr: tuple[str, ...] = ()
-    num_cores: int = 1
+    num_cores: int | None = 1
     text: str = field(default="", compare=False)
 
     @property
@@ -102,7 +103,9 @@ class TargetSpec:
 
     def to_dict(self) -> dict:
         """The TVM target dict (``tvm.target.Target(spec.to_dict())``)."""
-        d: dict = {"kind": self.kind, "mtriple": self.mtriple, "num-cores": self.num_cores}
+        d: dict = {"kind": self.kind, "mtriple": self.mtriple}
+        if self.num_cores is not None:
+            d["num-cores"] = self.num_cores
         if self.mcpu:
             d["mcpu"] = self.mcpu
         if self.mattr:
@@ -121,14 +124,16 @@ class TargetSpec:
             parts.append(f"-mcpu={self.mcpu}")
         if self.mattr:
             parts.append(f"-mattr={','.join(self.mattr)}")
-        parts.append(f"-num-cores={self.num_cores}")
+        if self.num_cores is not None:
+            parts.append(f"-num-cores={self.num_cores}")
         return " ".join(parts)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TargetSpec":
         """Inverse of :meth:`to_dict` (used when reading an artifact manifest)."""
         spec = cls(kind=d["kind"], mtriple=d["mtriple"], mcpu=d.get("mcpu"),
-                   mattr=tuple(d.get("mattr", ())), num_cores=int(d.get("num-cores", 1)))
+                   mattr=tuple(d.get("mattr", ())),
+                   num_cores=int(d["num-cores"]) if "num-cores" in d else None)
         return spec
 
 
@@ -155,7 +160,13 @@ def _default_cores() -> int:
 
 @functools.lru_cache(maxsize=None)
 def _host_triple() -> str:
-    return str(_codegen().llvm_get_system_triple())
+    """LLVM's triple for this machine, without the vendor of the toolchain TVM was built
+    with (``x86_64-conda-linux-gnu`` -> ``x86_64-linux-gnu``): an artifact's target should
+    name the machine, not how its compiler was packaged."""
+    parts = str(_codegen().llvm_get_system_triple()).split("-")
+    if len(parts) == 4 and parts[1] in ("conda", "pc", "unknown"):
+        parts.pop(1)
+    return "-".join(parts)
 
 
 @functools.lru_cache(maxsize=None)
@@ -310,7 +321,12 @@ def parse_target(text: str | dict | TargetSpec | None) -> TargetSpec:
     if cpu:
         _check_cpu(cpu, triple)
     mattr = _parse_mattr(opts["mattr"], triple) if "mattr" in opts else ()
-    cores = _parse_cores(opts["num-cores"]) if "num-cores" in opts else _default_cores()
+    if "num-cores" in opts:
+        cores = _parse_cores(opts["num-cores"])
+    elif _arch_of(triple) == _arch_of(_host_triple()):
+        cores = _default_cores()
+    else:  # cross-compiling: this machine's core count says nothing about the target's
+        cores = None
     return _with_text(TargetSpec(kind, triple, cpu, mattr, cores))
 
 

@@ -189,3 +189,18 @@ def test_ridge_chosen_on_held_out_tokens_generalises_better_than_a_fixed_weak_on
     same.load_state_dict(fixed.state_dict())
     solve_tables(same, x, y, ridge=1e-3, ridge_grid=(1.0,))
     torch.testing.assert_close(same.tables, fixed.tables)
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_design_transpose_product_matches_the_dense_design(bits):
+    """``A^T r`` of the table solve: the scatter form (wide tables) equals the dense GEMM."""
+    from lookupc.distill import _apply_at, _design_chunks
+
+    g = torch.Generator().manual_seed(bits)
+    n, h, rows, d = 300, 4, 1 << bits, 7
+    idx = torch.randint(0, rows, (n, h), generator=g) + torch.arange(h) * rows
+    s, r = torch.rand(n, h, generator=g), torch.randn(n, d, generator=g)
+    dense = torch.zeros(h * rows, d)
+    for i, a in _design_chunks(idx, s, h * rows, 64):
+        dense.addmm_(a.T, r[i:i + a.shape[0]])
+    torch.testing.assert_close(_apply_at(idx, s, r, h * rows, 64), dense, rtol=1e-5, atol=1e-5)

@@ -29,7 +29,7 @@ def test_no_target_is_the_host():
 
     assert parse_target(None) == parse_target("host") == host_target()
     assert parse_target(None).mcpu == codegen.llvm_get_system_cpu()
-    assert parse_target(None).mtriple == codegen.llvm_get_system_triple()
+    assert parse_target(None).mtriple == str(codegen.llvm_get_system_triple()).replace("-conda-", "-")
     assert can_execute(None) == (True, "")
 
 
@@ -89,3 +89,13 @@ def test_missing_isa_extensions_are_named():
     assert can_execute("llvm -mcpu=x86-64") == (True, "")
     # disabling the feature the host lacks makes the target runnable again
     assert "avx512f" not in missing_features(parse_target("llvm -mattr=+avx512f,-avx512f"))
+
+
+def test_cross_targets_do_not_carry_the_build_hosts_cores_or_toolchain_vendor():
+    spec = parse_target("llvm -mtriple=aarch64-linux-gnu -mcpu=neoverse-n1")
+    assert "num-cores" not in str(spec) and "num-cores" not in spec.to_dict()
+    assert type(spec).from_dict(spec.to_dict()) == spec.__class__.from_dict(spec.to_dict())
+    assert spec.to_tvm() is not None
+    host = parse_target("host")
+    assert "conda" not in host.mtriple and host.mtriple.count("-") >= 2
+    assert "-num-cores=" in str(host)  # the host's cores are a fact about the host
