@@ -30,6 +30,7 @@ import inspect
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -343,6 +344,18 @@ def _apply_at(rows_idx: Tensor, scores: Tensor, r: Tensor, n_rows: int, chunk: i
     return out
 
 
+def _sparse_design_t(rows_idx: Tensor, scores: Tensor, n_rows: int) -> Tensor:
+    """``A^T`` [n_rows, N] as a CSR matrix (built once per solve: each CG step is then one
+    sparse-dense product, ~10x faster than scattering the scaled rows)."""
+    n, h = rows_idx.shape
+    cols = torch.arange(n, device=rows_idx.device).repeat_interleave(h)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        coo = torch.sparse_coo_tensor(torch.stack([rows_idx.reshape(-1), cols]),
+                                      scores.reshape(-1).float(), (n_rows, n))
+        return coo.coalesce().to_sparse_csr()
+
+
 def solve_tables(lookup: LookupFFN, x: Tensor, y: Tensor, *, ridge: float = 1e-3,
                  iters: int = 60, max_direct_rows: int = 8192, bar=None,
                  ridge_grid: tuple = (1.0,)) -> float:
@@ -375,8 +388,8 @@ def solve_tables(lookup: LookupFFN, x: Tensor, y: Tensor, *, ridge: float = 1e-3
     lam_v = ridge * float(diag[:n_rows][hit].mean()) if bool(hit.any()) else max(ridge, 1e-6)
     lam = torch.full((total,), lam_v, device=x.device)
     lam[-1] = 1e-6 * float(diag[-1])
-    rhs = _apply_at(rows_idx, scores, r0, total, chunk)
     if total <= max_direct_rows:
+        rhs = _apply_at(rows_idx, scores, r0, total, chunk)
         n = rows_idx.shape[0]
         select = len(ridge_grid) > 1 and n >= 20
         held = torch.zeros(n, dtype=torch.bool, device=x.device)
@@ -412,8 +425,9 @@ def solve_tables(lookup: LookupFFN, x: Tensor, y: Tensor, *, ridge: float = 1e-3
         gram.diagonal()[:n_rows].add_(lam_v * (mult - 1.0))
         t = torch.cholesky_solve(rhs.double(), torch.linalg.cholesky(gram)).float()
     else:
-        t = _cg(lambda v: _apply_at(rows_idx, scores, _apply_a(rows_idx, scores, v), total,
-                                    chunk) + lam[:, None] * v, rhs, 1.0 / (diag + lam), iters, bar)
+        at = _sparse_design_t(rows_idx, scores, total)
+        t = _cg(lambda v: at @ _apply_a(rows_idx, scores, v) + lam[:, None] * v, at @ r0,
+                1.0 / (diag + lam), iters, bar)
     with torch.no_grad():
         lookup.tables.copy_(t[:n_rows].reshape(h, n_rows_per, d_out).to(lookup.tables.dtype))
         lookup.bias.copy_((mean + t[n_rows]).to(lookup.bias.dtype))

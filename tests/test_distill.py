@@ -204,3 +204,17 @@ def test_design_transpose_product_matches_the_dense_design(bits):
     for i, a in _design_chunks(idx, s, h * rows, 64):
         dense.addmm_(a.T, r[i:i + a.shape[0]])
     torch.testing.assert_close(_apply_at(idx, s, r, h * rows, 64), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_design_transpose_matches_the_dense_design():
+    from lookupc.distill import _design_chunks, _sparse_design_t
+
+    g = torch.Generator().manual_seed(3)
+    n, h, rows, d = 200, 3, 256, 5
+    idx = torch.randint(0, rows, (n, h), generator=g) + torch.arange(h) * rows
+    s, r = torch.rand(n, h, generator=g), torch.randn(n, d, generator=g)
+    dense = torch.zeros(h * rows, d)
+    for i, a in _design_chunks(idx, s, h * rows, 64):
+        dense.addmm_(a.T, r[i:i + a.shape[0]])
+    torch.testing.assert_close(_sparse_design_t(idx, s, h * rows) @ r, dense, rtol=1e-5,
+                               atol=1e-5)
