@@ -26,6 +26,7 @@ capped at ``max_tokens``), fits it, and writes the held-out relative error
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import os
@@ -92,6 +93,9 @@ class DistillOptions:
         Adam steps (one calibration item each; 0 skips it) on the converted model's
         output error against the original model, and the learning rates of the tables
         and of the hash.
+    input_noise : float
+        Fine-tuning augmentation: Gaussian noise of this many per-feature standard
+        deviations added to the FFN inputs, targets recomputed by the dense FFN (0: off).
     model_train, model_rest_lr : str, float
         ``"lookup"``: only the LookupFFNs train; ``"all"``: every other parameter of the
         converted model too, at ``model_rest_lr`` (it adapts to the LookupFFNs' errors).
@@ -110,17 +114,18 @@ class DistillOptions:
     max_tokens: int = 32768
     holdout: float = 0.1
     feed: str = "converted"
-    hash_steps: int = 300
+    hash_steps: int = 120
     hash_lr: float = 3e-3
     hash_source: str = "hidden"
     hash_scale: float = 1.0
     ridge: float = 1e-3
     ridge_grid: tuple = (1.0, 10.0, 100.0, 1000.0)
-    cg_iters: int = 60
-    finetune_steps: int = 200
+    cg_iters: int = 30
+    finetune_steps: int = 60
     finetune_lr: float = 1e-3
     finetune_hash_lr: float = 3e-4
     batch_tokens: int = 2048
+    input_noise: float = 0.0
     model_steps: int = 0
     model_lr: float = 3e-4
     model_hash_lr: float = 3e-5
@@ -162,7 +167,8 @@ class DistillOptions:
             raise ValueError(f"distill option ridge_grid must be positive multipliers, got "
                              f"{self.ridge_grid!r}")
         for name in ("hash_lr", "hash_scale", "ridge", "finetune_lr", "finetune_hash_lr",
-                     "model_lr", "model_hash_lr", "model_rest_lr", "model_cosine_weight"):
+                     "model_lr", "model_hash_lr", "model_rest_lr", "model_cosine_weight",
+                     "input_noise"):
             if not float(getattr(self, name)) >= 0.0:
                 raise ValueError(f"distill option {name} must be >= 0, got {getattr(self, name)!r}")
 
@@ -457,9 +463,16 @@ def _cg(normal, rhs: Tensor, precond: Tensor, iters: int, bar=None) -> Tensor:
 
 
 def finetune(lookup: LookupFFN, x: Tensor, y: Tensor, *, steps: int, lr: float,
-             batch: int = 2048, seed: int = 0, bar=None, hash_lr: float | None = None) -> float:
+             batch: int = 2048, seed: int = 0, bar=None, hash_lr: float | None = None,
+             dense: nn.Module | None = None, noise: float = 0.0) -> float:
     """Adam (cosine-decayed lr) on the MSE of all parameters; returns the last batch's
-    relative error. ``hash_lr`` (default ``lr``) is the hash parameters' learning rate."""
+    relative error. ``hash_lr`` (default ``lr``) is the hash parameters' learning rate.
+
+    ``noise`` > 0 (with ``dense``): each minibatch's inputs get Gaussian noise of that many
+    standard deviations of x per feature, and the targets are the dense FFN's outputs on
+    the noisy inputs (augmentation: more distinct inputs than the calibration tokens)."""
+    noise_gen = torch.Generator(device=x.device).manual_seed(seed + 2)
+    x_std = x.std(0, keepdim=True) if noise > 0 and dense is not None else None
     hash_params = [lookup.bh4_weight, lookup.hash_bias]
     ids = {id(p) for p in hash_params}
     rest = [p for p in lookup.parameters() if id(p) not in ids]
@@ -468,8 +481,13 @@ def finetune(lookup: LookupFFN, x: Tensor, y: Tensor, *, steps: int, lr: float,
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     last = float("nan")
     for step, idx in enumerate(_batches(x.shape[0], batch, steps, seed + 1)):
-        yb = y[idx]
-        loss = (lookup(x[idx]) - yb).pow(2).sum() / yb.pow(2).sum().clamp_min(1e-30)
+        xb, yb = x[idx], y[idx]
+        if x_std is not None:
+            xb = xb + noise * x_std * torch.randn(xb.shape, generator=noise_gen, device=xb.device,
+                                                  dtype=xb.dtype)
+            with torch.no_grad():
+                yb = dense(xb).to(yb.dtype)
+        loss = (lookup(xb) - yb).pow(2).sum() / yb.pow(2).sum().clamp_min(1e-30)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -550,7 +568,11 @@ def fit_lookup_ffn(lookup: LookupFFN, x: Tensor, y: Tensor, *, dense: nn.Module 
         stats["table_rel"] = solve_tables(lookup, x, y, ridge=opts.ridge, iters=opts.cg_iters,
                                           bar=bar, ridge_grid=opts.ridge_grid)
     if opts.finetune_steps:
-        finetune(lookup, x, y, steps=opts.finetune_steps, lr=opts.finetune_lr,
+        dense_f = None
+        if opts.input_noise > 0 and dense is not None:
+            dense_f = copy.deepcopy(dense).to(dev, dt).eval()
+        finetune(lookup, x, y, dense=dense_f, noise=opts.input_noise,
+                 steps=opts.finetune_steps, lr=opts.finetune_lr,
                  hash_lr=opts.finetune_hash_lr, batch=opts.batch_tokens, seed=opts.seed, bar=bar)
     stats["train_rel"] = relative_error(lookup, x, y)
     xv, yv = (x, y) if x_val is None or y_val is None else (x_val.to(dev, dt), y_val.to(dev, dt))

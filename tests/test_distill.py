@@ -218,3 +218,18 @@ def test_sparse_design_transpose_matches_the_dense_design():
         dense.addmm_(a.T, r[i:i + a.shape[0]])
     torch.testing.assert_close(_sparse_design_t(idx, s, h * rows) @ r, dense, rtol=1e-5,
                                atol=1e-5)
+
+
+def test_input_noise_trains_on_the_dense_outputs_of_noisy_inputs():
+    """With noise the targets come from the dense FFN on the perturbed inputs: training on
+    the (wrong) clean targets of a zero ``y`` would pull the tables to zero, and does not."""
+    dense = _dense()
+    x, y = _data(dense, n=1024)
+    zeros = torch.zeros_like(y)
+    plain, noisy = _lookup(), _lookup()
+    finetune(plain, x, zeros, steps=20, lr=1e-2, batch=256)
+    finetune(noisy, x, zeros, steps=20, lr=1e-2, batch=256, dense=dense, noise=0.1)
+    xv, yv = _data(dense, n=512, seed=3)
+    assert relative_error(noisy, xv, yv) < 0.9 * relative_error(plain, xv, yv)
+    with pytest.raises(ValueError, match="input_noise"):
+        DistillOptions(input_noise=-1.0)
