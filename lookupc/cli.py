@@ -190,13 +190,14 @@ def _convert_options(f):
     return _lookup_options(f)
 
 
-def _config(tables, bits, block_size):
+def _config(tables, bits, block_size, init: str = "random"):
     """The sizes given on the command line over per-FFN defaults, or None (all per-FFN)."""
     if tables is None and bits is None and block_size is None:
         return None
     from .config import SizeOverride
 
-    return SizeOverride(tables=tables, bits=bits, block_size=block_size)
+    return SizeOverride(tables=tables, bits=bits, block_size=block_size,
+                        distill=init == "distill")
 
 
 def _load(model: str, batch: int, seq_len: int, trust_pickle: bool):
@@ -436,7 +437,7 @@ def convert(model, output, batch, seq_len, trust_pickle, tables, bits, block_siz
         raise _usage(f"-o/--output {output!r} must end in .pt2")
     options = _distill_options(distill_option, init)
     loaded = _load(model, batch, seq_len, trust_pickle)
-    result = _convert(loaded, _config(tables, bits, block_size), init, calibration, seed,
+    result = _convert(loaded, _config(tables, bits, block_size, init), init, calibration, seed,
                       options)
     _print_report(result.report)
     from .model_io import export_program, save_program
@@ -493,7 +494,7 @@ def compile_(model, target, output, schedule, tuning_db, force, sign_key, batch,
         raise _usage("--schedule tuned needs --tuning-db DIR (made by 'lookupc tune')")
     options = _distill_options(distill_option, init)
     loaded = _load(model, batch, seq_len, trust_pickle)
-    result = _convert(loaded, _config(tables, bits, block_size), init, calibration, seed,
+    result = _convert(loaded, _config(tables, bits, block_size, init), init, calibration, seed,
                       options)
     _print_report(result.report)
     from .artifact import compile_artifact

@@ -89,9 +89,16 @@ def _check_config(config: ConfigSpec) -> None:
                             f"or a callable match -> LookupConfig, got {type(config).__name__}")
 
 
-def _config_for(config: ConfigSpec, match: FFNMatch) -> LookupConfig | None:
+def _default_config(match: FFNMatch, init: str) -> LookupConfig:
+    """Per-FFN default: ``LookupConfig.for_distill`` when distilling a trained FFN, else
+    ``for_ffn`` (the paper's sizes, for training from scratch)."""
+    make = LookupConfig.for_distill if init == "distill" else LookupConfig.for_ffn
+    return make(match.d_in, match.d_hidden, match.d_out)
+
+
+def _config_for(config: ConfigSpec, match: FFNMatch, init: str = "random") -> LookupConfig | None:
     """The LookupConfig for ``match``; ``None`` means "leave this FFN dense"."""
-    default = LookupConfig.for_ffn(match.d_in, match.d_hidden, match.d_out)
+    default = _default_config(match, init)
     if config is None:
         return default
     if isinstance(config, LookupConfig):
@@ -196,7 +203,8 @@ def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
     example_inputs : tuple, dict or Tensor
         As for :func:`find_ffns`.
     config : LookupConfig, dict, callable or None
-        None: ``LookupConfig.for_ffn`` sized from each FFN; one LookupConfig for all;
+        None: sized from each FFN (``LookupConfig.for_distill`` with ``init='distill'``,
+        else ``LookupConfig.for_ffn``); one LookupConfig for all;
         a dict ``name -> LookupConfig`` (missing names get the default, ``None``
         leaves that FFN dense); or a callable ``match -> LookupConfig | None``.
     init : {'random', 'distill'}
@@ -252,11 +260,11 @@ def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
                                     f"found: {[m.name for m in analysis.matches]}")
     matches, configs = [], {}
     for m in analysis.matches:
-        cfg = _config_for(config, m)
+        cfg = _config_for(config, m, init)
         if cfg is None:
             skipped.append(Skipped(m.name, "left dense by the config"))
             continue
-        default = LookupConfig.for_ffn(m.d_in, m.d_hidden, m.d_out)
+        default = _default_config(m, init)
         cfg, why = _cheaper_than_dense(m, cfg, try_cheaper=cfg == default, force=force)
         if cfg is None:
             skipped.append(Skipped(m.name, why))

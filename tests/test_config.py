@@ -41,3 +41,16 @@ def test_derived_sizes():
     assert num_repeats(512, 128, 8) == 2
     assert num_repeats(384, 96, 8) == 2
     assert num_repeats(64, 4, 4) == 1
+
+
+def test_distillation_defaults_are_one_bit_tables_one_per_input_feature():
+    from lookupc.config import LookupConfig, SizeOverride, lookup_flops
+
+    cfg = LookupConfig.for_distill(384, 1536)
+    assert (cfg.tables, cfg.bits, cfg.block_size) == (512, 1, 32)
+    dense = 2 * 384 * 1536 * 2 + 1536 + 384
+    assert dense / sum(lookup_flops(384, 384, cfg)) > 4.0  # MiniLM: 4.3x fewer FLOPs
+    assert LookupConfig.for_distill(20, 80).block_size == 32
+    assert LookupConfig.for_distill(8, 32) == LookupConfig(tables=8, bits=1, block_size=8)
+    assert SizeOverride(bits=2, distill=True).for_ffn(384, 1536) == LookupConfig(
+        tables=512, bits=2, block_size=32)
