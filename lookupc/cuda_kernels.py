@@ -6,7 +6,9 @@ schedules live in ``schedules/cuda_hash.py``, ``cuda_gather.py`` and
 ``cuda_backward.py``. :class:`TirTrainingKernels` builds each kernel once per
 (kernel, shapes, target) and calls it on torch tensors directly (DLPack, zero copy);
 it also orchestrates the backward (which kernel runs when, and the small glue:
-padding, the sort of the segment reduction, summing repeats).
+padding, the sort of the segment reduction, summing repeats). The build-once cache and
+the glue helpers are shared with the CPU backward (``lookupc.training_kernels``;
+``lookupc.cpu_training`` is the CPU orchestrator).
 
 It runs in three modes, so that everything but the GPU itself is testable on a CPU:
 
@@ -35,8 +37,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import threading
-from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,10 @@ from torch import Tensor
 
 from . import dispatch
 from .errors import LookupcError
+from .training_kernels import Kernel, KernelCache
+from .training_kernels import ceil_to as _ceil_to
+from .training_kernels import pad_rows as _pad_rows
+from .training_kernels import segments as _segments
 
 __all__ = ["TirTrainingKernels", "CudaProvider", "EmulatedCudaProvider", "TABLE_GRAD_METHODS",
            "kernel_catalogue", "cuda_source"]
@@ -54,15 +58,7 @@ _MODES = ("cuda", "emulate", "naive")
 _HASH_BUCKET = 128
 
 
-def _ceil_to(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def _pad_rows(t: Tensor, rows: int) -> Tensor:
-    return t if t.shape[0] == rows else F.pad(t, (0, 0, 0, rows - t.shape[0]))
-
-
-class TirTrainingKernels:
+class TirTrainingKernels(KernelCache):
     """Builds, caches and runs the LookupFFN TIR kernels in one mode (see module doc).
 
     Parameters
@@ -79,6 +75,7 @@ class TirTrainingKernels:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         if table_grad not in TABLE_GRAD_METHODS:
             raise ValueError(f"table_grad must be one of {TABLE_GRAD_METHODS}, got {table_grad!r}")
+        super().__init__()
         from . import tvm_shim
 
         self.tvm = tvm_shim.tvm
@@ -91,28 +88,11 @@ class TirTrainingKernels:
         else:
             self.arch = None
             self.target = self.tvm.target.Target("llvm")
-        self._cache: dict[tuple, Any] = {}
-        self._lock = threading.Lock()
 
     # ----------------------------------------------------------------- building
-    @property
-    def builds(self) -> int:
-        """Number of kernels built so far (each key is built once)."""
-        return len(self._cache)
-
-    def kernel(self, key: tuple, make: Callable[[], Any], schedule: Callable[..., Any]):
-        """The built function for ``key``: ``make()`` gives the PrimFunc, ``schedule(func,
-        emulate=...)`` the CUDA-scheduled module (not used in ``naive`` mode)."""
-        fn = self._cache.get(key)
-        if fn is not None:
-            return fn
-        with self._lock:
-            fn = self._cache.get(key)
-            if fn is None:
-                fn = self._cache[key] = self._build(key, make, schedule)
-        return fn
-
     def _build(self, key: tuple, make, schedule):
+        """``make()`` gives the PrimFunc, ``schedule(func, emulate=...)`` the CUDA-scheduled
+        module (not used in ``naive`` mode)."""
         func = make()
         name = str(func.attrs["global_symbol"])
         try:
@@ -125,7 +105,7 @@ class TirTrainingKernels:
         if self.mode == "cuda" and not list(ex.mod.imports):
             raise LookupcError(f"kernel {name!r} compiled without a CUDA device module "
                                "(missing thread bindings): refusing to run it on the host")
-        return _Kernel(ex, name, self.mode == "cuda")
+        return Kernel(ex, name, self.mode == "cuda")
 
     # ----------------------------------------------------------------- forward
     def hash(self, x: Tensor, weight: Tensor, hash_bias: Tensor, decay: float,
@@ -332,32 +312,6 @@ def cuda_source(name: str, shapes, arch: str = "sm_90", **kw) -> str:
     if not imports:
         raise LookupcError(f"kernel {name!r} built without a CUDA device module")
     return imports[0].inspect_source("cuda")
-
-
-def _segments(codes: Tensor, rows: int) -> tuple[Tensor, Tensor]:
-    """Pair ids sorted by global table row, and the CSR row offsets (both int32)."""
-    n, h = codes.shape
-    row = (codes.long() + torch.arange(h, device=codes.device) * rows).reshape(-1)
-    order = torch.argsort(row, stable=True).to(torch.int32)
-    offsets = torch.zeros(h * rows + 1, dtype=torch.int64, device=codes.device)
-    offsets[1:] = torch.cumsum(torch.bincount(row, minlength=h * rows), 0)
-    return order, offsets.to(torch.int32)
-
-
-class _Kernel:
-    """A built function plus its executable (kept alive); calls run on torch's stream."""
-
-    def __init__(self, executable, name: str, on_cuda: bool):
-        self.executable, self.name, self.on_cuda = executable, name, on_cuda
-        self.fn = executable[name]
-
-    def __call__(self, *args):
-        if self.on_cuda:
-            from . import tvm_shim
-
-            with tvm_shim.torch_stream():
-                return self.fn(*args)
-        return self.fn(*args)
 
 
 def _device_arch(device: int | None = None) -> str:

@@ -3,8 +3,9 @@
 Importing this module is cheap (no TVM import); it registers the kernel providers
 ``"naive"``, ``"cpu"`` (alias ``"hand"``) and ``"tuned"`` with :mod:`lookupc.dispatch`, so
 ``with lookupc.set_schedule("cpu"): model(x)`` runs the lookupc ops through TVM kernels
-on float32 CPU tensors (other dtypes/devices use the reference). Backward ops keep the
-reference math.
+on float32 CPU tensors (other dtypes/devices use the reference). Under ``"cpu"`` and
+``"tuned"`` the backward ops run TVM kernels too (``lookupc.cpu_training``); ``"naive"``
+keeps the reference math for the backward.
 
 Python API
 ----------
@@ -93,9 +94,9 @@ _STATS = {"memory_hits": 0, "disk_hits": 0, "builds": 0}
 
 def cache_dir() -> str | None:
     """Directory of the on-disk kernel cache, or None when disabled."""
-    path = os.environ.get("LOOKUPC_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "lookupc", "kernels")
-    return None if path.lower() in ("off", "0", "none") else path
+    from .training_kernels import cache_root
+
+    return cache_root()
 
 
 def cache_info() -> dict:
@@ -412,6 +413,29 @@ class TvmProvider:
                                  f"[{lo}, {hi}]")
         shapes = _gather_only(h, rows.bit_length() - 1, d_out)
         return self._kernels(shapes, "gather").gather(codes, scores, tables, bias)
+
+
+    # Backward: "cpu" and "tuned" run the hand-scheduled CPU training kernels (shared by
+    # both, ``lookupc.cpu_training``); "naive", there to check the forward TIR as written,
+    # keeps the reference math.
+    def _training(self):
+        from .cpu_training import for_target
+
+        return for_target(self.target)
+
+    def hash_backward(self, grad_scores, x, weight, hash_bias, decay, bits):
+        if self.schedule == "naive":
+            from .reference import hash_backward
+
+            return hash_backward(grad_scores, x, weight, hash_bias, decay, bits)
+        return self._training().hash_backward(grad_scores, x, weight, hash_bias, decay, bits)
+
+    def gather_backward(self, grad_y, codes, scores, tables):
+        if self.schedule == "naive":
+            from .reference import gather_backward
+
+            return gather_backward(grad_y, codes, scores, tables)
+        return self._training().gather_backward(grad_y, codes, scores, tables)
 
 
 def _register() -> None:

@@ -196,8 +196,11 @@ def _gather_setup(ctx, inputs, output):
 
 def _gather_bwd(ctx, grad_y):
     codes, scores, tables = ctx.saved_tensors
-    g_s, g_t = torch.ops.lookupc.gather_backward(grad_y, codes, scores, tables)
+    # The bias gradient (a torch reduction) first: the hash backward usually runs next, and
+    # a torch op between the two would wake torch's OpenMP pool, whose spinning threads
+    # then hold a core the compiled hash backward wants (see lookupc.tvm_shim).
     g_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+    g_s, g_t = torch.ops.lookupc.gather_backward(grad_y, codes, scores, tables)
     return None, g_s, g_t, g_bias
 
 
