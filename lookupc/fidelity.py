@@ -3,7 +3,8 @@
 :func:`measure` runs both models on the same inputs (the converted one on the PyTorch
 reference ops) and returns ``rel_error`` (``||y' - y|| / ||y||`` over every output
 tensor) and, for outputs shaped ``[batch, seq, hidden]`` (encoders), the cosine
-similarity of mean-pooled outputs per batch item (``cosine_mean``, ``cosine_min``).
+similarity of mean-pooled outputs per batch item (``cosine_mean``, ``cosine_min``;
+pooled over the real tokens when an ``attention_mask`` keyword input marks padding).
 For other outputs the cosine is taken per row of the first output.
 
 ``lookupc.convert`` stores it in ``report.fidelity`` and prints it; the artifact manifest
@@ -47,8 +48,13 @@ def measure(original: torch.nn.Module, converted: torch.nn.Module, inputs: tuple
     num = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(got, want))
     den = sum(float(b.double().pow(2).sum()) for b in want)
     a, b = got[0].double(), want[0].double()
-    if a.dim() == 3:  # [batch, seq, hidden]: mean-pool over the sequence
-        a, b = a.mean(1), b.mean(1)
+    if a.dim() == 3:  # [batch, seq, hidden]: mean-pool over the (real, unpadded) tokens
+        mask = (kwargs or {}).get("attention_mask")
+        if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(a.shape[:2]):
+            m = (mask != 0).to(a.dtype).unsqueeze(-1)
+            a, b = (a * m).sum(1) / m.sum(1).clamp_min(1), (b * m).sum(1) / m.sum(1).clamp_min(1)
+        else:
+            a, b = a.mean(1), b.mean(1)
     a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
     cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
     return {"inputs": what, "rel_error": (num / den) ** 0.5 if den else None,
