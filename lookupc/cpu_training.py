@@ -40,7 +40,7 @@ import functools
 import threading
 from typing import Any
 
-from .training_kernels import Kernel, KernelCache, aligned, cache_root, ceil_to, disk_cached
+from .training_kernels import Kernel, KernelCache, aligned, cache_root, ceil_to, disk_cached, hashed_name
 
 __all__ = ["CpuTrainingKernels", "TABLE_GRAD_METHODS", "for_target", "kernel_catalogue"]
 
@@ -107,7 +107,8 @@ class CpuTrainingKernels(KernelCache):
         key_text = "|".join([name, repr(key), tvm_shim.script_of(func), str(self.codegen_target),
                              str(self.lanes), inspect.getsource(cpu_backward),
                              tvm_shim.tvm_version(), lookupc.__version__])
-        module = disk_cached(key_text, compile_, cache_root() if self.disk_cache else None)
+        module = disk_cached(hashed_name("train_", key_text), compile_,
+                             cache_root() if self.disk_cache else None)
         return Kernel(module, name)
 
     def _const(self, key: tuple, make):

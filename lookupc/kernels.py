@@ -243,31 +243,11 @@ def _compile(funcs: dict, tgt: Any, sched: Any):
 
 def _build_module(shapes: KernelShapes, tgt: Any, sched: Any, parts) -> Any:
     """Runtime module with the requested kernels, via the disk cache when enabled."""
-    from . import tvm_shim
+    from .training_kernels import disk_cached
 
     funcs = _prim_funcs(shapes, sched, tgt, parts)
-    root = cache_dir()
-    if root is None:
-        _STATS["builds"] += 1
-        return _compile(funcs, tgt, sched)
-    path = os.path.join(root, _cache_key(funcs, tgt, sched) + ".so")
-    if os.path.exists(path):
-        try:
-            module = tvm_shim.load_module(path)
-            _STATS["disk_hits"] += 1
-            return module
-        except Exception:  # noqa: BLE001 - a corrupt cache entry is rebuilt below
-            pass
-    _STATS["builds"] += 1
-    executable = _compile(funcs, tgt, sched)
-    try:
-        os.makedirs(root, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp.so"
-        tvm_shim.export_library(executable, tmp)
-        os.replace(tmp, path)  # atomic: concurrent builders never see half a file
-    except Exception:  # noqa: BLE001 - no compiler / read-only dir: keep it in memory only
-        pass
-    return executable
+    return disk_cached(_cache_key(funcs, tgt, sched) + ".so", lambda: _compile(funcs, tgt, sched),
+                       cache_dir(), _STATS)
 
 
 def build(lookup_shapes: KernelShapes, target: Any = None, schedule: str = "cpu",

@@ -12,6 +12,7 @@ Importing this module is cheap (no TVM or torch import).
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import os
 import threading
@@ -20,7 +21,8 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["KernelCache", "Kernel", "cache_root", "disk_cached", "ceil_to", "pad_rows",
+__all__ = ["KernelCache", "Kernel", "cache_root", "disk_cached", "hashed_name", "ceil_to",
+           "pad_rows",
            "aligned", "segments"]
 
 
@@ -65,25 +67,33 @@ def cache_root() -> str | None:
     return None if path.lower() in ("off", "0", "none") else path
 
 
-def disk_cached(key_text: str, compile_fn: Callable[[], Any], root: str | None) -> Any:
-    """The module compiled by ``compile_fn``, via ``root/train_<sha256(key_text)>.so``.
+def disk_cached(file_name: str, compile_fn: Callable[[], Any], root: str | None,
+                stats: dict | None = None) -> Any:
+    """The module compiled by ``compile_fn``, via the shared library ``root/file_name``.
 
     Loads the library when present; otherwise compiles, then writes it atomically (a
     missing C++ compiler or a read-only directory only skips the write). ``root=None``
-    always compiles. ``key_text`` must capture everything the code depends on.
+    always compiles. The name must capture everything the code depends on. ``stats``,
+    when given, counts ``disk_hits`` and ``builds``.
     """
     from . import tvm_shim
 
-    if root is None:
-        return compile_fn()
-    path = os.path.join(root, "train_" + hashlib.sha256(key_text.encode()).hexdigest()[:32]
-                        + ".so")
-    if os.path.exists(path):
+    def count(what: str) -> None:
+        if stats is not None:
+            stats[what] = stats.get(what, 0) + 1
+
+    path = os.path.join(root, file_name) if root is not None else None
+    if path is not None and os.path.exists(path):
         try:
-            return tvm_shim.load_module(path)
+            module = tvm_shim.load_module(path)
+            count("disk_hits")
+            return module
         except Exception:  # noqa: BLE001 - a corrupt cache entry is rebuilt below
             pass
+    count("builds")
     module = compile_fn()
+    if path is None:
+        return module
     try:
         os.makedirs(root, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp.so"
@@ -92,6 +102,11 @@ def disk_cached(key_text: str, compile_fn: Callable[[], Any], root: str | None) 
     except Exception:  # noqa: BLE001 - no compiler / read-only dir: keep it in memory only
         pass
     return module
+
+
+def hashed_name(prefix: str, key_text: str) -> str:
+    """A cache file name for ``key_text``: ``prefix`` + 32 hex digits of its SHA-256 + .so."""
+    return prefix + hashlib.sha256(key_text.encode()).hexdigest()[:32] + ".so"
 
 
 class Kernel:
@@ -115,7 +130,7 @@ class Kernel:
         return self.fn(*args)
 
 
-class KernelCache:
+class KernelCache(abc.ABC):
     """Built kernels by key; each key is built once (``_build``, under a lock)."""
 
     def __init__(self) -> None:
@@ -139,5 +154,6 @@ class KernelCache:
                 fn = self._cache[key] = self._build(key, make, schedule)
         return fn
 
+    @abc.abstractmethod
     def _build(self, key: tuple, make: Callable[[], Any], schedule: Callable[..., Any]) -> Kernel:
-        raise NotImplementedError
+        """Build the kernel for ``key`` (each orchestrator: its target and schedules)."""
