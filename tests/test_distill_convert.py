@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 import torch
-from torch import nn
+from two_block_net import Net
 
 from lookupc import LookupConfig
 from lookupc.errors import LookupcInputError
@@ -16,23 +16,6 @@ CFG = LookupConfig(tables=16, bits=4, block_size=8)
 OPTS = dict(progress=False, hash_steps=40, finetune_steps=20, batch_tokens=512, max_tokens=2048)
 
 
-class Block(nn.Module):
-    def __init__(self, d=32):
-        super().__init__()
-        self.norm = nn.LayerNorm(d)
-        self.fc1, self.act, self.fc2 = nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        return x + self.fc2(self.act(self.fc1(self.norm(x))))
-
-
-class Net(nn.Module):
-    def __init__(self, d=32):
-        super().__init__()
-        self.blocks = nn.Sequential(Block(d), Block(d))
-
-    def forward(self, x):
-        return self.blocks(x)
 
 
 def _calibration(n=8, d=32, seed=1):

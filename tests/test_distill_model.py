@@ -5,7 +5,7 @@ import signal
 
 import pytest
 import torch
-from torch import nn
+from two_block_net import Net
 
 import lookupc
 from lookupc.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -15,23 +15,6 @@ from lookupc.errors import LookupcInputError
 CFG = lookupc.LookupConfig(tables=16, bits=4, block_size=8)
 
 
-class Block(nn.Module):
-    def __init__(self, d=32):
-        super().__init__()
-        self.norm = nn.LayerNorm(d)
-        self.fc1, self.act, self.fc2 = nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        return x + self.fc2(self.act(self.fc1(self.norm(x))))
-
-
-class Net(nn.Module):
-    def __init__(self, d=32):
-        super().__init__()
-        self.blocks = nn.Sequential(Block(d), Block(d))
-
-    def forward(self, x):
-        return self.blocks(x)
 
 
 def _setup(n=12):
