@@ -71,7 +71,7 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tmp_path):
     with pytest.raises(RuntimeError, match="killed"):
         finetune_model(student, teacher, items, checkpoint=ckpt, checkpoint_every=3,
                        callback=kill_at_7, **KW)
-    assert load_checkpoint_step(ckpt, student, teacher, items) == 6
+    assert _checkpoint_step(ckpt) == 6
     student.load_state_dict(start)  # a fresh process: nothing but the checkpoint survives
     resumed = finetune_model(student, teacher, items, checkpoint=ckpt, checkpoint_every=3,
                              resume=True, **KW)
@@ -82,10 +82,8 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tmp_path):
     assert resumed["after"] == pytest.approx(full["after"], rel=1e-5)
 
 
-def load_checkpoint_step(path, student, teacher, items):
-    import torch as _t
-
-    return _t.load(path, weights_only=True)["state"]["step"]
+def _checkpoint_step(path):
+    return torch.load(path, weights_only=True)["state"]["step"]
 
 
 def test_a_corrupt_checkpoint_is_a_clear_error(tmp_path):
@@ -136,7 +134,7 @@ def test_first_ctrl_c_stops_after_the_step_with_a_checkpoint(tmp_path):
     stats = finetune_model(student, teacher, items, checkpoint=ckpt, checkpoint_every=100,
                            callback=ctrl_c_at_5, **KW)
     assert stats["interrupted"] and stats["steps"] == 5
-    assert load_checkpoint_step(ckpt, student, teacher, items) == 5
+    assert _checkpoint_step(ckpt) == 5
     assert stats["loss_after"] <= stats["loss_before"]
     resumed = finetune_model(student, teacher, items, checkpoint=ckpt, resume=True, **KW)
     assert resumed["steps"] == 12 and not resumed["interrupted"]
