@@ -322,22 +322,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     threads = args.threads or os.cpu_count() or 1
     os.environ["TVM_NUM_THREADS"] = str(threads)  # before TVM sizes its pool
     torch.set_num_threads(threads)
-    if args.backward_ops:
-        rows = backward_ops(args.config, args.tokens, args.warmup, args.repeats)
-        print(f"{'op':16s} {'schedule':10s} {'ms median':>10s} {'ms min':>9s} {'vs reference':>13s}")
-        for r in rows:
-            print(f"{r['op']:16s} {r['schedule']:10s} {r['ms_median']:10.2f} {r['ms_min']:9.2f} "
-                  f"{r['speedup_vs_reference']:12.1f}x")
-        if args.json:
-            args.json.write_text(json.dumps({"meta": _meta(torch.device("cpu"), threads),
-                                             "rows": rows}, indent=2))
-        return rows
-    if args.minilm:
-        rows = minilm_step(args.batch, args.seq, args.warmup, args.repeats)
-        print(f"{'variant':14s} {'ms median':>10s} {'ms min':>9s} {'tokens/s':>9s} {'vs reference':>13s}")
-        for r in rows:
-            print(f"{r['variant']:14s} {r['ms_median']:10.1f} {r['ms_min']:9.1f} "
-                  f"{r['tokens_per_s']:9d} {r['speedup_vs_reference']:12.2f}x")
+    if args.backward_ops or args.minilm:
+        if args.backward_ops:
+            rows = backward_ops(args.config, args.tokens, args.warmup, args.repeats)
+            print(f"{'op':16s} {'schedule':10s} {'ms median':>10s} {'ms min':>9s} "
+                  f"{'vs reference':>13s}")
+            lines = [f"{r['op']:16s} {r['schedule']:10s} {r['ms_median']:10.2f} "
+                     f"{r['ms_min']:9.2f} {r['speedup_vs_reference']:12.1f}x" for r in rows]
+        else:
+            rows = minilm_step(args.batch, args.seq, args.warmup, args.repeats)
+            print(f"{'variant':14s} {'ms median':>10s} {'ms min':>9s} {'tokens/s':>9s} "
+                  f"{'vs reference':>13s}")
+            lines = [f"{r['variant']:14s} {r['ms_median']:10.1f} {r['ms_min']:9.1f} "
+                     f"{r['tokens_per_s']:9d} {r['speedup_vs_reference']:12.2f}x" for r in rows]
+        print("\n".join(lines))
         if args.json:
             args.json.write_text(json.dumps({"meta": _meta(torch.device("cpu"), threads),
                                              "rows": rows}, indent=2))
