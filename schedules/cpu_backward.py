@@ -94,6 +94,19 @@ def _vectorize(sch, loop, lanes: int, unroll_rest: bool = False) -> None:
         sch.unroll(outer)
 
 
+def _register_tile(sch, blk, at, rows, cols, lanes: int, reduction) -> None:
+    """Accumulate ``blk``'s (rows x cols) output tile in registers, written back at loop
+    ``at``: the columns vectorised (the widest power of two dividing them, the rest
+    unrolled), the rows unrolled, the reduction's init split off at ``reduction``."""
+    vec = pow2_divisor(_extent(sch, cols), lanes)
+    acc = sch.cache_write(blk, 0, "local")
+    sch.reverse_compute_at(acc, at)
+    _vectorize(sch, cols, vec, unroll_rest=True)
+    sch.unroll(rows)
+    _vectorize(sch, sch.get_loops(acc)[-1], vec)
+    sch.decompose_reduction(blk, reduction)
+
+
 def _schedule(func):
     return tvm_shim.Schedule(func)
 
@@ -323,19 +336,10 @@ def _schedule_block_matmul(sch, blk, lanes: int, rows: int, cols: int, out_conti
         return  # unit blocks or a [out, in] weight: plain loops (LLVM may vectorise q)
     rows = pow2_divisor(tile, rows)
     cols = pow2_divisor(bs, cols)
-    vec = pow2_divisor(cols, lanes)
     p_o, p_i = sch.split(p, [None, rows])
     j_o, j_i = sch.split(j, [None, cols])
     sch.reorder(p_o, j_o, q, p_i, j_i)
-    acc = sch.cache_write(blk, 0, "local")
-    sch.reverse_compute_at(acc, j_o)
-    if vec > 1:
-        u, lane = sch.split(j_i, [None, vec])
-        sch.vectorize(lane)
-        sch.unroll(u)
-    sch.unroll(p_i)
-    _vectorize(sch, sch.get_loops(acc)[-1], vec)
-    sch.decompose_reduction(blk, q)
+    _register_tile(sch, blk, j_o, p_i, j_i, lanes, q)
 
 
 def schedule_round(func, lanes: int = 8, rows: int = 4, cols: int = 16, first: str = "bmm",
@@ -448,16 +452,7 @@ def schedule_weight_grad(func, lanes: int = 8, ro: int = 4, ri: int = 16, tasks:
     o_o, o_i = sch.split(o2, [None, ro])
     i_o, i_i = sch.split(i2, [None, ri])
     sch.reorder(o_o, i_o, p2, o_i, i_i)
-    acc = sch.cache_write(part, 0, "local")
-    sch.reverse_compute_at(acc, i_o)
-    vec = pow2_divisor(ri, lanes)
-    if vec > 1:
-        u, lane = sch.split(i_i, [None, vec])
-        sch.vectorize(lane)
-        sch.unroll(u)
-    sch.unroll(o_i)
-    _vectorize(sch, sch.get_loops(acc)[-1], vec)
-    sch.decompose_reduction(part, p2)
+    _register_tile(sch, part, i_o, o_i, i_i, lanes, p2)
     _vectorize(sch, sch.get_loops(blk)[-1], lanes)
     sch.decompose_reduction(blk, t)
     return _done(sch)
