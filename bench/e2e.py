@@ -31,7 +31,7 @@ import tempfile
 import time
 
 SIZES = {"minilm": ("1x16", "8x128", "32x128"), "bert-base": ("1x16", "8x128")}
-LOOKUPS = {"default": None, "128x4b32": (128, 4, 32)}
+LOOKUPS = {"default": None, "128x4b32": (128, 4, 32), "512x1b32": (512, 1, 32)}
 
 
 def load(name: str):
@@ -53,7 +53,8 @@ def load(name: str):
     return model.eval(), model.config.vocab_size
 
 
-def build_artifact(model, example, lookup: str, schedule: str, out_dir: str):
+def build_artifact(model, example, lookup: str, schedule: str, out_dir: str,
+                   table_dtype: str = "float32"):
     """``lookupc compile`` through the API, then ``lookupc.load`` of what it wrote."""
     import lookupc
     from lookupc.artifact import compile_artifact
@@ -64,9 +65,9 @@ def build_artifact(model, example, lookup: str, schedule: str, out_dir: str):
     if LOOKUPS[lookup] is not None:
         h, tau, bs = LOOKUPS[lookup]
         cfg = lookupc.LookupConfig(tables=h, bits=tau, block_size=bs)
-    result = lookupc.convert(model, example, config=cfg)
+    result = lookupc.convert(model, example, config=cfg, table_dtype=table_dtype)
     loaded = LoadedModel(model, example, "hf", "bench", ["input_ids", "attention_mask"])
-    path = os.path.join(out_dir, f"{lookup}-{schedule}.lookupc")
+    path = os.path.join(out_dir, f"{lookup}-{schedule}-{table_dtype}.lookupc")
     compile_artifact(result, loaded, host_target(), path, schedule=schedule, overwrite=True)
     report = result.report
     return lookupc.load(path), report.flops_before, report.flops_after, result.module
@@ -89,7 +90,7 @@ def _pooled(out):
 
 
 def run_model(name: str, sizes, lookups, schedules, repeats: int, compile_dense: bool,
-              rest_int8: bool = True) -> list:
+              rest_int8: bool = True, table_dtypes=("float32",)) -> list:
     import torch
 
     from lookupc import baselines
@@ -107,15 +108,18 @@ def run_model(name: str, sizes, lookups, schedules, repeats: int, compile_dense:
         lookup_variants = {}
         for lk in lookups:
             for sched in schedules:
-                t0 = time.perf_counter()
-                art, before, after, converted = build_artifact(model, example, lk, sched, tmp)
-                print(f"  {name}: built lookupc {lk}/{sched} in {time.perf_counter() - t0:.0f} s "
-                      f"(FFN FLOPs {before / after:.2f}x fewer)", file=sys.stderr)
-                lookup_variants[f"lookupc-{lk}-{sched}"] = (art, before / after)
-                if rest_int8:  # composed: the rest of the model in dynamic int8
-                    mixed = quantize_rest(converted, "int8")
-                    lookup_variants[f"lookupc-{lk}-{sched}+int8rest"] = (
-                        _eager(mixed, sched), before / after)
+                for dtype in table_dtypes:
+                    t0 = time.perf_counter()
+                    art, before, after, converted = build_artifact(model, example, lk, sched,
+                                                                   tmp, dtype)
+                    tag = f"lookupc-{lk}-{sched}" + ("" if dtype == "float32" else f"-{dtype}")
+                    print(f"  {name}: built {tag} in {time.perf_counter() - t0:.0f} s "
+                          f"(FFN FLOPs {before / after:.2f}x fewer)", file=sys.stderr)
+                    lookup_variants[tag] = (art, before / after)
+                    if rest_int8:  # composed: the rest of the model in dynamic int8
+                        mixed = quantize_rest(converted, "int8")
+                        lookup_variants[f"{tag}+int8rest"] = (_eager(mixed, sched),
+                                                              before / after)
         for note in notes:
             print(f"  note: {note}", file=sys.stderr)
         for size in sizes:
@@ -200,6 +204,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lookup", default="default,128x4b32",
                     help=f"LookupFFN configurations: {', '.join(LOOKUPS)}")
     ap.add_argument("--schedules", default="cpu")
+    ap.add_argument("--table-dtypes", default="float32",
+                    help="comma list of float32,bfloat16,int8: one artifact per table dtype")
     ap.add_argument("--threads", default=str(os.cpu_count() or 1), help="e.g. 1,2")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
@@ -227,7 +233,8 @@ def main(argv=None) -> int:
     for name in args.models.split(","):
         sizes = args.sizes.split(",") if args.sizes else SIZES[name]
         rows += run_model(name, sizes, args.lookup.split(","), args.schedules.split(","),
-                          args.repeats, not args.no_compile, not args.no_int8_rest)
+                          args.repeats, not args.no_compile, not args.no_int8_rest,
+                          args.table_dtypes.split(","))
     return _finish(rows, args)
 
 

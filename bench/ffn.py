@@ -6,11 +6,12 @@ One row per variant: the dense FFN (Linear-GELU-Linear, eval, no_grad) as a CPU 
 would run it instead (``lookupc.baselines``): ``dense`` (fp32 eager), ``dense-bf16``,
 ``dense-int8-dynamic`` (``quantize_dynamic``), ``dense-compile`` (``torch.compile``);
 then ``lookup-reference`` (the PyTorch reference ops), ``tvm-naive``, ``tvm-cpu``,
-``tvm-tuned``. Each row has ``variant, config, tokens, ms_median, ms_min,
-speedup_vs_dense`` (fp32 dense median / row median, same run), ``speedup_vs_best_dense``
-(the fastest dense row of the run / row median), and for LookupFFN rows ``hash_ms`` and
-``gather_ms`` (medians of the
-two kernels timed alone), plus ``gather_bound_ms`` and ``gather_vs_bound``.
+``tvm-tuned``, and with ``--table-dtypes float32,bfloat16,int8`` the same schedules on
+reduced-precision tables (``tvm-cpu-bf16``, ``tvm-cpu-int8``...). Each row has ``variant,
+config, tokens, ms_median, ms_min, speedup_vs_dense`` (fp32 dense median / row median, same
+run), ``speedup_vs_best_dense`` (the fastest dense row of the run / row median), and for
+LookupFFN rows ``hash_ms`` and ``gather_ms`` (medians of the two kernels timed alone),
+plus ``gather_bound_ms`` and ``gather_vs_bound``.
 
 Method: all cores (torch and TVM threads = ``os.cpu_count()``), one warm-up call per
 variant, then ``--repeats`` (>= 10) rounds in which every variant runs once
@@ -19,7 +20,8 @@ min over rounds. ``tvm-naive`` is unscheduled and very slow: it runs on
 ``--naive-tokens`` tokens (default 256) for 3 rounds, and its times are scaled
 linearly to ``--tokens`` (the row says so in ``note``).
 
-Gather bound: the gather must read ``tokens * tables * d_out * 4`` bytes of table rows.
+Gather bound: the gather must read ``tokens * tables * d_out * itemsize`` bytes of table
+rows (4, 2 or 1 bytes per element by the table dtype).
 The script measures the machine's read bandwidth for a cache-resident buffer (``sum``
 of an L3-sized and an L2-sized buffer, best call on all threads or on one) and reports
 ``gather_bound_ms = bytes / L3 bandwidth`` (the table-blocked gather keeps a group of
@@ -35,7 +37,7 @@ import sys
 
 import torch
 
-from lookupc import baselines
+from lookupc import baselines, perf
 from lookupc.perf import CONFIGS, SCHEDULES, cpu_name, print_table, read_bandwidth, run_config
 
 
@@ -46,6 +48,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=10, help="timed rounds (>= 10)")
     ap.add_argument("--schedules", default=",".join(SCHEDULES))
+    ap.add_argument("--table-dtypes", default="float32",
+                    help="comma list of float32,bfloat16,int8: every schedule but naive also "
+                         "runs with the tables stored in each (rows tvm-cpu-int8, ...)")
     ap.add_argument("--naive-tokens", type=int, default=256)
     ap.add_argument("--tuning-db", default=None, help="MetaSchedule work dir for 'tuned'")
     ap.add_argument("--tune-trials", type=int, default=0,
@@ -67,6 +72,10 @@ def main(argv=None) -> int:
 
     configs = args.config or ["paper"]
     schedules = [s for s in args.schedules.split(",") if s]
+    table_dtypes = [d for d in args.table_dtypes.split(",") if d]
+    bad = set(table_dtypes) - set(perf.TABLE_DTYPES)
+    if bad:
+        ap.error(f"--table-dtypes: unknown {sorted(bad)}; choose from {', '.join(perf.TABLE_DTYPES)}")
     tuning_db = args.tuning_db or default_db_dir()
     if args.tune_trials and "tuned" in schedules:
         shapes = [K.KernelShapes.for_config(CONFIGS[c][0], CONFIGS[c][0], CONFIGS[c][2])
@@ -80,7 +89,8 @@ def main(argv=None) -> int:
     rows = []
     for c in configs:
         rows += run_config(c, args.tokens, args.repeats, schedules, tuning_db,
-                           min(args.naive_tokens, args.tokens), not args.no_compile, bw_l3)
+                           min(args.naive_tokens, args.tokens), not args.no_compile, bw_l3,
+                           table_dtypes)
     print_table(rows)
     if args.json:
         result = {"machine": {"cpu": cpu_name(), "llvm_mcpu": tvm_shim.llvm_get_system_cpu(),

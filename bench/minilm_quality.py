@@ -160,7 +160,40 @@ class Ctx:
                 "seconds": seconds, **extra}
 
 
-def lookup_row(ctx: Ctx, spec: str, opts: dict, time_schedule: str | None) -> dict:
+def table_dtype_rows(ctx: Ctx, base: dict, module, dtypes: list[str]) -> list[dict]:
+    """The converted model again with its tables stored in each of ``dtypes`` (and
+    ``int8-per-table``: one scale per table instead of per row, simulated in float32 to
+    measure which granularity keeps quality)."""
+    import copy
+
+    from lookupc.table_quant import quantize_lookups
+
+    rows = []
+    for dtype in dtypes:
+        m = copy.deepcopy(module)
+        if dtype == "int8-per-table":
+            errs = []
+            for lk in m.modules():
+                if isinstance(lk, lookupc.LookupFFN):
+                    t = lk.tables.data
+                    scale = t.abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-30) / 127
+                    q = torch.round(t / scale).clamp(-127, 127) * scale
+                    errs.append(float((q - t).norm() / t.norm()))
+                    t.copy_(q)
+        else:
+            errs = [q.rel_error for q in quantize_lookups(m, dtype)]
+        tables = sum(lk.table_bytes() for lk in m.modules() if isinstance(lk, lookupc.LookupFFN))
+        row = ctx.row("lookup", f"{base['name']} {dtype} tables", m, base["ffn_flops_ratio"],
+                      base["seconds"], config={**base["config"], "table_dtype": dtype},
+                      table_mib=(tables if dtype != "int8-per-table" else tables / 4) / 2**20,
+                      table_errors=errs)
+        row["cosine_vs_float32_tables"] = row["cosine"] - base["cosine"]
+        rows.append(row)
+    return rows
+
+
+def lookup_row(ctx: Ctx, spec: str, opts: dict, time_schedule: str | None,
+               table_dtypes=()) -> list[dict]:
     h, bits, bs = (int(v) for v in spec.split(","))
     cfg = lookupc.LookupConfig(tables=h, bits=bits, block_size=bs)
     t0 = time.perf_counter()
@@ -174,12 +207,13 @@ def lookup_row(ctx: Ctx, spec: str, opts: dict, time_schedule: str | None) -> di
         d_t, l_t = time_ffn(res.replacements[0], schedule=time_schedule)
         timed = {"time_schedule": time_schedule, "time_ratio_tvm": d_t / l_t}
     me = rep.model_error or {}
-    return ctx.row("lookup", f"lookup {h}x{bits}b {bs}", res.module,
+    base = ctx.row("lookup", f"lookup {h}x{bits}b {bs}", res.module,
                    rep.flops_before / rep.flops_after, seconds, config=cfg.to_dict(),
                    time_ratio=dense_t / lookup_t, **timed, table_mib=rep.table_bytes / 2**20,
                    rel_errors=[m.rel_error for m in rep.matched],
                    model_error={k: v for k, v in me.items() if k != "history"},
                    curve=me.get("history", []))
+    return [base, *table_dtype_rows(ctx, base, res.module, list(table_dtypes))]
 
 
 def pruned_dense_row(ctx: Ctx, keep: int, max_tokens: int) -> dict:
@@ -305,6 +339,9 @@ def parse_args(argv=None):
     p.add_argument("--drop-baseline", type=int, nargs="*", default=[3, 2],
                    help="layers dropped from MiniLM, then trained like the LookupFFN rows")
     p.add_argument("--no-int8", action="store_true", help="skip the int8 baseline")
+    p.add_argument("--table-dtypes", nargs="*", default=["bfloat16", "int8", "int8-per-table"],
+                   help="also evaluate each LookupFFN configuration with its tables stored in "
+                        "these dtypes (int8-per-table: one scale per table, simulated)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="bench/results/minilm_quality")
@@ -352,7 +389,8 @@ def main(argv=None) -> list[dict]:
         add(pruned_dense_row(ctx, keep, a.max_tokens))
     with lookupc.set_schedule(a.schedule):
         for spec in a.configs:
-            add(lookup_row(ctx, spec, opts, a.time_schedule or None))
+            for row in lookup_row(ctx, spec, opts, a.time_schedule or None, a.table_dtypes):
+                add(row)
         for drop in a.drop_baseline:
             add(dropped_layers_row(ctx, drop, a.model_steps, not a.no_progress))
     print_table(rows)

@@ -427,10 +427,16 @@ class LibraryProvider:
                              bits=bits, block_size=bs, repeats=r)
         return kernels.hash(x, weight, hash_bias, decay)
 
-    def gather(self, codes, scores, tables, bias):
+    def gather(self, codes, scores, tables, bias, scale=None):
+        from .kernels import table_dtype_of
+
         h, rows, d_out = tables.shape
-        kernels = self._find("gather", tables=h, bits=rows.bit_length() - 1, d_out=d_out)
-        return kernels.gather(codes.to(torch.int32), scores, tables, bias)
+        kernels = self._find("gather", tables=h, bits=rows.bit_length() - 1, d_out=d_out,
+                             table_dtype=table_dtype_of(tables))
+        return kernels.gather(codes.to(torch.int32), scores, tables, bias, scale)
+
+    def gather_quantized(self, codes, scores, tables, scale, bias):
+        return self.gather(codes, scores, tables, bias, scale)
 
 
 # --- compiling --------------------------------------------------------------------------------
@@ -460,15 +466,18 @@ class GraphLookup:
         r, _, _, bs, _ = weight.meta["val"].shape
         self.d_in, self.repeats = int(x.meta["val"].shape[-1]), int(r)
         self.tables = int(hash_bias.meta["val"].shape[0]) // int(bits)
-        self.d_out = int(gather_node.args[2].meta["val"].shape[-1])
+        tables = gather_node.args[2].meta["val"]
+        self.d_out = int(tables.shape[-1])
         from .config import LookupConfig
 
-        self.config = LookupConfig(self.tables, int(bits), int(bs), float(decay))
+        self.config = LookupConfig(self.tables, int(bits), int(bs), float(decay),
+                                   str(tables.dtype).replace("torch.", ""))
 
 
 def _graph_lookups(module: torch.nn.Module) -> list:
     """``[(node name, GraphLookup)]`` for every lookupc.hash node in ``module``'s fx graphs."""
-    hash_op, gather_op = torch.ops.lookupc.hash.default, torch.ops.lookupc.gather.default
+    hash_op = torch.ops.lookupc.hash.default
+    gather_ops = (torch.ops.lookupc.gather.default, torch.ops.lookupc.gather_quantized.default)
     found = []
     for m in module.modules():
         graph = getattr(m, "graph", None)
@@ -477,7 +486,7 @@ def _graph_lookups(module: torch.nn.Module) -> list:
         for node in graph.nodes:
             if node.target is not hash_op:
                 continue
-            gathers = [u for g in node.users for u in g.users if u.target is gather_op]
+            gathers = [u for g in node.users for u in g.users if u.target in gather_ops]
             if gathers:
                 found.append((node.name, GraphLookup(node, gathers[0])))
     return found

@@ -165,6 +165,10 @@ def _store_distill(ctx, param, value):
 
 
 def _convert_options(f):
+    f = click.option("--table-dtype", type=click.Choice(["float32", "bfloat16", "int8"]),
+                     default=None, expose_value=False, callback=_store_policy,
+                     help="Store the tables in this dtype: trained in float32, then quantised "
+                          "(int8: one scale per table row). Default: float32.")(f)
     f = click.option("--resume", is_flag=True, expose_value=False, callback=_store_distill,
                      help="Continue the whole-model distillation from --checkpoint (same "
                           "model, sizes and options; a mismatch is an error).")(f)
@@ -282,17 +286,20 @@ def _convert(loaded, config, init, calibration, seed, distill_options=None):
 
     import lookupc
 
+    ctx = click.get_current_context(silent=True)
+    policy = dict(ctx.meta.get("lookupc.policy", {})) if ctx else {}
     if loaded.kind == "pt2":
         from .artifact import already_converted
 
         done = already_converted(loaded.module)
         if done is not None:
+            if policy.get("table_dtype"):
+                raise _usage("--table-dtype applies when converting; MODEL is already a "
+                             "converted program (convert it again from the original model)")
             return done
 
     items = _calibration(calibration, loaded, init)
     torch.manual_seed(seed)
-    ctx = click.get_current_context(silent=True)
-    policy = dict(ctx.meta.get("lookupc.policy", {})) if ctx else {}
     mib = policy.pop("max_table_mib", None)
     with _step(f"converting ({init} init)"):
         tokenizer = None
@@ -305,7 +312,8 @@ def _convert(loaded, config, init, calibration, seed, distill_options=None):
                                distill_options=distill_options or None,
                                force=bool(policy.get("force")),
                                max_table_bytes=None if mib is None else int(mib * 2**20),
-                               min_fidelity=policy.get("min_fidelity"))
+                               min_fidelity=policy.get("min_fidelity"),
+                               table_dtype=policy.get("table_dtype"))
 
 
 def _print_report(report) -> None:

@@ -12,7 +12,12 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 __all__ = ["LookupConfig", "padded_width", "num_repeats", "lookup_flops", "table_bytes",
-           "cheaper_configs", "SizeOverride"]
+           "cheaper_configs", "SizeOverride", "TABLE_DTYPES"]
+
+# Storage dtypes of the tables and their bytes per element. float32 tables train; bfloat16
+# and int8 (symmetric, one float32 scale per table row) are for inference: training keeps
+# float32 master tables and conversion quantises them (``LookupFFN.quantize_tables``).
+TABLE_DTYPES = {"float32": 4, "bfloat16": 2, "int8": 1}
 
 
 def _is_pow2(n: int) -> bool:
@@ -47,6 +52,10 @@ class LookupConfig:
     decay : float
         Mix of the BH4 output and the (repeated, padded) input:
         ``z = decay * BH4(x) + (1 - decay) * x``, in [0, 1]. The paper's code uses 0.7.
+    table_dtype : str
+        How the tables are stored: ``"float32"`` (trainable), ``"bfloat16"`` or ``"int8"``
+        (inference only; int8 rows carry a float32 scale each, ``row = scale * int8``; the
+        gather accumulates in float32). See :data:`TABLE_DTYPES`.
 
     Examples
     --------
@@ -58,6 +67,7 @@ class LookupConfig:
     bits: int = 8
     block_size: int = 64
     decay: float = 0.7
+    table_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if not isinstance(self.tables, int) or isinstance(self.tables, bool) or self.tables < 1:
@@ -69,6 +79,12 @@ class LookupConfig:
                 f"LookupConfig.block_size must be a power of two, got {self.block_size!r}")
         if not isinstance(self.decay, (int, float)) or not 0.0 <= float(self.decay) <= 1.0:
             raise ValueError(f"LookupConfig.decay must be a float in [0, 1], got {self.decay!r}")
+        if self.table_dtype not in TABLE_DTYPES:
+            from .errors import LookupcInputError
+
+            raise LookupcInputError(
+                f"LookupConfig.table_dtype must be one of {', '.join(TABLE_DTYPES)}, got "
+                f"{self.table_dtype!r}")
 
     @property
     def table_rows(self) -> int:
@@ -79,6 +95,11 @@ class LookupConfig:
     def code_width(self) -> int:
         """Width of the soft hash code, ``tables * bits``."""
         return self.tables * self.bits
+
+    @property
+    def table_itemsize(self) -> int:
+        """Bytes per table element (4, 2 or 1)."""
+        return TABLE_DTYPES[self.table_dtype]
 
     def check_for(self, d_in: int) -> None:
         """Raise ``ValueError`` if this config cannot serve an input of width ``d_in``."""
@@ -140,9 +161,12 @@ def lookup_flops(d_in: int, d_out: int, config: LookupConfig) -> tuple[int, int]
     return hash_flops, 2 * config.tables * d_out + d_out
 
 
-def table_bytes(d_out: int, config: LookupConfig, itemsize: int = 4) -> int:
-    """Bytes of the tables ``[tables, 2**bits, d_out]`` (float32 by default)."""
-    return config.tables * (1 << config.bits) * d_out * itemsize
+def table_bytes(d_out: int, config: LookupConfig, itemsize: int | None = None) -> int:
+    """Bytes of the tables ``[tables, 2**bits, d_out]`` in ``config.table_dtype`` (or
+    ``itemsize`` bytes per element), int8 row scales included."""
+    size = itemsize or config.table_itemsize
+    scales = config.table_rows * 4 if size == 1 and itemsize is None else 0
+    return config.tables * (1 << config.bits) * d_out * size + scales
 
 
 def cheaper_configs(config: LookupConfig):

@@ -540,6 +540,9 @@ def fit_lookup_ffn(lookup: LookupFFN, x: Tensor, y: Tensor, *, dense: nn.Module 
     True
     """
     opts = options or DistillOptions()
+    from .table_quant import require_float_tables
+
+    require_float_tables(lookup, "fit_lookup_ffn")
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
         raise LookupcInputError(f"fit_lookup_ffn needs x [N, d_in] and y [N, d_out] with the same "
                                 f"N, got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -721,6 +724,9 @@ def distill_conversion(result: Any, original_model: nn.Module, calibration: Any,
         model cannot run (the message names the item and the model's error).
     """
     opts = DistillOptions.from_kwargs(**options)
+    from .table_quant import require_float_tables
+
+    require_float_tables(result.module, "distillation")
     items = calibration_items(_text_items(calibration, original_model, tokenizer))
     reps = list(result.replacements)
     if not reps:

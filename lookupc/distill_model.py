@@ -268,6 +268,9 @@ def finetune_model(student: nn.Module, teacher: nn.Module, items: list, *, steps
     """
     if train not in TRAIN_SCOPES:
         raise LookupcInputError(f"train must be one of {TRAIN_SCOPES}, got {train!r}")
+    from .table_quant import require_float_tables
+
+    require_float_tables(student, "whole-model distillation")
     lookups = [m for m in student.modules() if isinstance(m, LookupFFN)]
     if (not lookups and train != "all") or steps <= 0:
         return {}

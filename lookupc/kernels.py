@@ -81,9 +81,26 @@ def fold_weight(weight):
     return folded.to(torch.float32).contiguous()
 
 
-def _gather_only(tables: int, bits: int, d_out: int) -> KernelShapes:
+def _gather_only(tables: int, bits: int, d_out: int,
+                 table_dtype: str = "float32") -> KernelShapes:
     """Shapes for a gather-only build (the gather does not depend on d_in/BS/R)."""
-    return KernelShapes(1, d_out, tables, bits, 1, tables * bits)
+    return KernelShapes(1, d_out, tables, bits, 1, tables * bits, table_dtype)
+
+
+def table_dtype_of(tables) -> str:
+    """``KernelShapes.table_dtype`` of a torch table tensor."""
+    return str(tables.dtype).replace("torch.", "")
+
+
+def _check_codes(codes, rows: int) -> None:
+    """Codes must index the tables. NumPy, single-threaded: a torch reduction here wakes
+    torch's OpenMP pool between two TVM kernels, and on few cores the two pools' spinning
+    threads then slow both (measured: 8 ms of a 22 ms MiniLM-sized op at 1024 tokens)."""
+    if codes.numel():
+        flat = codes.detach().contiguous().numpy()
+        lo, hi = int(flat.min()), int(flat.max())
+        if lo < 0 or hi >= rows:
+            raise IndexError(f"lookupc.gather: codes must be in [0, {rows}), got [{lo}, {hi}]")
 
 
 # ----------------------------------------------------------------------------- caching
@@ -175,15 +192,28 @@ class Kernels:
                          float(decay), codes, scores)
         return codes[:n], scores[:n]
 
-    def gather(self, codes, scores, tables, bias):
-        """y [N, d_out] = bias + sum_k scores[:, k] * tables[k, codes[:, k]]."""
+    def gather(self, codes, scores, tables, bias, scale=None):
+        """y [N, d_out] = bias + sum_k scores[:, k] * tables[k, codes[:, k]].
+
+        ``tables`` in ``shapes.table_dtype`` (a bfloat16 tensor is passed as its int16 bits;
+        int8 tables need their row ``scale`` [tables, rows]).
+        """
         import torch
 
         if self.gather_fn is None:
             raise RuntimeError(f"no gather kernel was built for {self.shapes}")
+        if table_dtype_of(tables) != self.shapes.table_dtype:
+            raise LookupcInputError(f"lookupc.gather: tables are {tables.dtype} but the kernel "
+                                    f"was built for {self.shapes.table_dtype} tables")
         y = torch.empty(codes.shape[0], self.shapes.d_out, dtype=torch.float32)
-        if codes.shape[0]:
-            self.gather_fn(_aligned(codes), _aligned(scores), _aligned(tables), _aligned(bias), y)
+        if not codes.shape[0]:
+            return y
+        if tables.dtype == torch.bfloat16:
+            tables = tables.contiguous().view(torch.int16)
+        args = [_aligned(codes), _aligned(scores), _aligned(tables)]
+        if tables.dtype == torch.int8:
+            args.append(_aligned(scale))
+        self.gather_fn(*args, _aligned(bias), y)
         return y
 
 
@@ -379,20 +409,15 @@ class TvmProvider:
             return dispatch._REFERENCE.hash(x, weight, hash_bias, decay, bits)
         return self._kernels(shapes, "hash").hash(x, weight, hash_bias, decay)
 
-    def gather(self, codes, scores, tables, bias):
+    def gather(self, codes, scores, tables, bias, scale=None):
         h, rows, d_out = tables.shape
         codes = codes.to(__import__("torch").int32)
-        if codes.numel():
-            # NumPy, single-threaded: a torch reduction here wakes torch's OpenMP pool
-            # between two TVM kernels, and on few cores the two pools' spinning threads
-            # then slow both (measured: 8 ms of a 22 ms MiniLM-sized op at 1024 tokens)
-            flat = codes.detach().contiguous().numpy()
-            lo, hi = int(flat.min()), int(flat.max())
-            if lo < 0 or hi >= rows:
-                raise IndexError(f"lookupc.gather: codes must be in [0, {rows}), got "
-                                 f"[{lo}, {hi}]")
-        shapes = _gather_only(h, rows.bit_length() - 1, d_out)
-        return self._kernels(shapes, "gather").gather(codes, scores, tables, bias)
+        _check_codes(codes, rows)
+        shapes = _gather_only(h, rows.bit_length() - 1, d_out, table_dtype_of(tables))
+        return self._kernels(shapes, "gather").gather(codes, scores, tables, bias, scale)
+
+    def gather_quantized(self, codes, scores, tables, scale, bias):
+        return self.gather(codes, scores, tables, bias, scale)
 
 
     # Backward: "cpu" and "tuned" run the hand-scheduled CPU training kernels (shared by

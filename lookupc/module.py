@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.lookupc.*)
+from . import reference as ref
 from .config import LookupConfig, lookup_flops, num_repeats, padded_width
+from .errors import LookupcInputError
 
 __all__ = ["LookupFFN", "dense_ffn_flops"]
 
@@ -55,6 +58,53 @@ class LookupFFN(nn.Module):
         self.hash_bias = nn.Parameter(torch.zeros(config.code_width))
         self.tables = nn.Parameter(0.02 * torch.randn(config.tables, 1 << config.bits, d_out))
         self.bias = nn.Parameter(torch.zeros(d_out))
+        if config.table_dtype != "float32":
+            self.config = replace(config, table_dtype="float32")
+            self.quantize_tables(config.table_dtype)
+
+    def quantize_tables(self, dtype: str) -> float:
+        """Store the tables in ``dtype`` (``"bfloat16"`` or ``"int8"``), in place.
+
+        The float32 parameter is replaced by a buffer (the module is then inference-only:
+        a backward through it raises). Returns the relative error of the stored tables,
+        ``||T_q - T|| / ||T||`` (0.0 when ``dtype`` is already the tables' dtype).
+        """
+        if dtype == self.config.table_dtype:
+            return 0.0
+        replace(self.config, table_dtype=dtype)  # validates the name
+        if self.config.table_dtype != "float32":
+            raise LookupcInputError(
+                f"LookupFFN.quantize_tables: the tables are already {self.config.table_dtype}; "
+                f"quantise from float32 tables")
+        if dtype == "float32":
+            raise LookupcInputError("LookupFFN.quantize_tables: dtype must be 'bfloat16' or "
+                                    "'int8' (reduced-precision tables do not go back)")
+        master = self.tables.detach()
+        q, scale = ref.quantize_tables(master, dtype)
+        deq = ref.dequantize_tables(q, scale).to(master.dtype)
+        err = float((deq - master).norm() / master.norm().clamp_min(1e-30))
+        del self.tables
+        self.register_buffer("tables", q)
+        self.register_buffer("table_scale", scale)
+        self.config = replace(self.config, table_dtype=dtype)
+        return err
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .double() must not cast stored tables or their scales: they are
+        # viewed as integers (which dtype casts skip) while the move applies, then back.
+        if self.config.table_dtype == "float32":
+            return super()._apply(fn, recurse)
+        kept = {name: self._buffers[name].dtype for name in ("tables", "table_scale")
+                if self._buffers.get(name) is not None}
+        as_int = {torch.bfloat16: torch.int16, torch.float32: torch.int32}
+        for name, dtype in kept.items():
+            if dtype in as_int:
+                self._buffers[name] = self._buffers[name].view(as_int[dtype])
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for name, dtype in kept.items():
+                self._buffers[name] = self._buffers[name].view(dtype)
 
     @property
     def padded_width(self) -> int:
@@ -71,7 +121,10 @@ class LookupFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scores, codes = self.hash(x)
-        return torch.ops.lookupc.gather(codes, scores, self.tables, self.bias)
+        if self.config.table_dtype == "float32":
+            return torch.ops.lookupc.gather(codes, scores, self.tables, self.bias)
+        return torch.ops.lookupc.gather_quantized(codes, scores, self.tables, self.table_scale,
+                                                  self.bias)
 
     def hash_flops_per_token(self) -> int:
         """BH4 (4 rounds of block matmul + FWHT per repeat), mix, bias, codes and scores."""
@@ -86,10 +139,13 @@ class LookupFFN(nn.Module):
         return self.hash_flops_per_token() + self.gather_flops_per_token()
 
     def table_bytes(self) -> int:
-        """Bytes of the lookup tables."""
-        return self.tables.numel() * self.tables.element_size()
+        """Bytes of the lookup tables (int8 row scales included)."""
+        scale = getattr(self, "table_scale", None)
+        extra = 0 if scale is None else scale.numel() * scale.element_size()
+        return self.tables.numel() * self.tables.element_size() + extra
 
     def extra_repr(self) -> str:
         c = self.config
         return (f"d_in={self.d_in}, d_out={self.d_out}, tables={c.tables}, bits={c.bits}, "
-                f"block_size={c.block_size}, decay={c.decay}, repeats={self.repeats}")
+                f"block_size={c.block_size}, decay={c.decay}, repeats={self.repeats}"
+                + ("" if c.table_dtype == "float32" else f", table_dtype={c.table_dtype}"))

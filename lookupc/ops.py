@@ -9,6 +9,9 @@ either side's traffic, so fusing them would save nothing measurable.
 - ``lookupc::hash(x, weight, hash_bias, decay, bits) -> (scores, codes)``: the
   differentiable output comes first (float scores, then int32 codes)
 - ``lookupc::gather(codes, scores, tables, bias) -> y``
+- ``lookupc::gather_quantized(codes, scores, tables, scale, bias) -> y``: the gather on
+  bfloat16 or int8 tables (``scale``: int8 row scales [tables, rows], None for bfloat16);
+  inference only: its backward raises (train float32 tables, quantise afterwards)
 - ``lookupc::hash_backward`` and ``lookupc::gather_backward``: the gradients, as ops too
   so that exported/compiled training graphs keep them as single nodes.
 
@@ -28,7 +31,7 @@ from . import reference as ref
 from .dispatch import provider_for
 from .errors import LookupcInputError
 
-__all__ = ["hash", "gather"]
+__all__ = ["hash", "gather", "gather_quantized"]
 
 _FLOATS = (torch.float32, torch.float64)
 _INTS = (torch.int32, torch.int64)
@@ -103,6 +106,25 @@ def _check_gather(codes: Tensor, scores: Tensor, tables: Tensor, bias: Tensor) -
         _fail(op, f"argument 'bias' must have shape ({d_out},), got {tuple(bias.shape)}")
 
 
+def _check_gather_quantized(codes: Tensor, scores: Tensor, tables: Tensor,
+                            scale: Tensor | None, bias: Tensor) -> None:
+    op = "gather_quantized"
+    if not isinstance(tables, Tensor) or tables.dtype not in (torch.bfloat16, torch.int8):
+        _fail(op, f"argument 'tables' must be a bfloat16 or int8 Tensor (float32 tables use "
+                  f"lookupc.gather), got {getattr(tables, 'dtype', type(tables).__name__)}")
+    if tables.dtype == torch.int8:
+        if not isinstance(scale, Tensor) or scale.dtype != torch.float32:
+            _fail(op, "int8 tables need a float32 'scale' Tensor [tables, rows]")
+        if tuple(scale.shape) != tuple(tables.shape[:2]):
+            _fail(op, f"argument 'scale' must have shape {tuple(tables.shape[:2])}, got "
+                      f"{tuple(scale.shape)}")
+    elif scale is not None:
+        _fail(op, "bfloat16 tables take no 'scale' (pass None)")
+    if tables.device != scores.device:
+        _fail(op, f"argument 'tables' is on {tables.device} but 'scores' is on {scores.device}")
+    _check_gather(codes, scores, scores.new_empty(tables.shape), bias)
+
+
 def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1]).contiguous()
 
@@ -141,6 +163,41 @@ def gather(codes: Tensor, scores: Tensor, tables: Tensor, bias: Tensor) -> Tenso
 def _(codes, scores, tables, bias):
     _check_gather(codes, scores, tables, bias)
     return scores.new_empty((*codes.shape[:-1], tables.shape[-1]))
+
+
+@torch.library.custom_op("lookupc::gather_quantized", mutates_args=())
+def gather_quantized(codes: Tensor, scores: Tensor, tables: Tensor, scale: Tensor | None,
+                     bias: Tensor) -> Tensor:
+    """:func:`gather` on bfloat16 or int8 tables (int8: ``row = scale * q``); float32 sums."""
+    _check_gather_quantized(codes, scores, tables, scale, bias)
+    lead = codes.shape[:-1]
+    provider = provider_for(scores.device, scores.dtype)
+    impl = getattr(provider, "gather_quantized", ref.gather_forward_quantized)
+    y = impl(_flat(codes).to(torch.int32), _flat(scores), tables.contiguous(),
+             None if scale is None else scale.contiguous(), bias.contiguous())
+    return y.reshape(*lead, tables.shape[-1])
+
+
+@gather_quantized.register_fake
+def _(codes, scores, tables, scale, bias):
+    _check_gather_quantized(codes, scores, tables, scale, bias)
+    return scores.new_empty((*codes.shape[:-1], tables.shape[-1]))
+
+
+def _gather_quantized_bwd(ctx, grad_y):
+    from .errors import LookupcError
+
+    raise LookupcError(
+        "lookupc.gather_quantized has no backward: bfloat16/int8 tables are for inference. "
+        "Train (or distill) with table_dtype='float32' and quantise afterwards "
+        "(LookupFFN.quantize_tables, or convert/compile with --table-dtype)")
+
+
+def _gather_quantized_setup(ctx, inputs, output):
+    pass
+
+
+gather_quantized.register_autograd(_gather_quantized_bwd, setup_context=_gather_quantized_setup)
 
 
 @torch.library.custom_op("lookupc::hash_backward", mutates_args=())

@@ -19,7 +19,7 @@ import lookupc
 from lookupc import baselines
 from lookupc import reference as ref
 
-__all__ = ["CONFIGS", "SCHEDULES", "cpu_name", "read_bandwidth", "dense_ffn", "run_config",
+__all__ = ["CONFIGS", "SCHEDULES", "TABLE_DTYPES", "cpu_name", "read_bandwidth", "dense_ffn", "run_config",
            "print_table"]
 
 CONFIGS = {
@@ -28,7 +28,11 @@ CONFIGS = {
     "paper": (512, 2048, lookupc.LookupConfig(tables=128, bits=8, block_size=64)),
     "minilm": (384, 1536, lookupc.LookupConfig(tables=96, bits=8, block_size=64)),
     "bert-base": (768, 3072, lookupc.LookupConfig(tables=192, bits=8, block_size=64)),
+    # MiniLM's shape with the configurations the distillation section measures
+    "minilm-512x1": (384, 1536, lookupc.LookupConfig(tables=512, bits=1, block_size=32)),
+    "minilm-128x4": (384, 1536, lookupc.LookupConfig(tables=128, bits=4, block_size=32)),
 }
+TABLE_DTYPES = ("float32", "bfloat16", "int8")
 SCHEDULES = ("naive", "cpu", "tuned")
 
 
@@ -84,8 +88,14 @@ def dense_ffn(d: int, hidden: int) -> torch.nn.Module:
                                torch.nn.Linear(hidden, d)).eval()
 
 
-def lookup_variants(ffn, x, schedules, tuning_db, naive_tokens):
-    """name -> (full fn, hash fn, gather fn, tokens it runs on)."""
+def lookup_variants(ffn, x, schedules, tuning_db, naive_tokens, table_dtypes=("float32",)):
+    """name -> (full fn, hash fn, gather fn, tokens it runs on, table bytes per element).
+
+    Every schedule except ``naive`` also runs with each reduced-precision table dtype in
+    ``table_dtypes`` (``tvm-cpu-int8``...: the same hash, the tables quantised).
+    """
+    from dataclasses import replace
+
     from lookupc import kernels as K
 
     p = {k: v.detach() for k, v in ffn.named_parameters()}
@@ -100,29 +110,42 @@ def lookup_variants(ffn, x, schedules, tuning_db, naive_tokens):
         return ref.gather_forward(codes, scores, p["tables"], p["bias"])
 
     out = {"lookup-reference": (lambda: ref.gather_forward(*ref_hash(), p["tables"], p["bias"]),
-                                ref_hash, ref_gather, x.shape[0])}
-    shapes = K.KernelShapes.of(ffn)
+                                ref_hash, ref_gather, x.shape[0], 4)}
+    stored = {"float32": (p["tables"], None)}
+    stored.update({d: ref.quantize_tables(p["tables"], d) for d in table_dtypes if d != "float32"})
     for name in schedules:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            k = K.build(shapes, schedule=name, tuning_db=tuning_db)
-        for w in caught:
-            print(f"  note: {w.message}", file=sys.stderr)
-        xs = x[:naive_tokens] if name == "naive" else x
-        cs, ss = codes[:xs.shape[0]], scores[:xs.shape[0]]
-        k.prepare_weight(ffn.bh4_weight)  # fold once, outside the timings (cached)
+        for dtype in (["float32"] if name == "naive" else list(dict.fromkeys(table_dtypes))):
+            shapes = replace(K.KernelShapes.of(ffn), table_dtype=dtype)
+            tables, scale = stored[dtype]
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                k = K.build(shapes, schedule=name, tuning_db=tuning_db)
+            for w in caught:
+                print(f"  note: {w.message}", file=sys.stderr)
+            xs = x[:naive_tokens] if name == "naive" else x
+            cs, ss = codes[:xs.shape[0]], scores[:xs.shape[0]]
+            k.prepare_weight(ffn.bh4_weight)  # fold once, outside the timings (cached)
 
-        def full(k=k, xs=xs):
-            c, s = k.hash(xs, ffn.bh4_weight, p["hash_bias"], decay)
-            return k.gather(c, s, p["tables"], p["bias"])
+            def full(k=k, xs=xs, tables=tables, scale=scale):
+                c, s = k.hash(xs, ffn.bh4_weight, p["hash_bias"], decay)
+                return k.gather(c, s, tables, p["bias"], scale)
 
-        # a tuned build without records runs the hand knobs: say so, never "tuned"
-        untuned = name == "tuned" and _without_records(shapes, tuning_db)
-        out[f"tvm-{name}-no-records" if untuned else f"tvm-{name}"] = (full,
-                              lambda k=k, xs=xs: k.hash(xs, ffn.bh4_weight, p["hash_bias"], decay),
-                              lambda k=k, cs=cs, ss=ss: k.gather(cs, ss, p["tables"], p["bias"]),
-                              xs.shape[0])
+            # a tuned build without records runs the hand knobs: say so, never "tuned"
+            untuned = name == "tuned" and _without_records(shapes, tuning_db)
+            label = f"tvm-{name}" + ("-no-records" if untuned else "") + (
+                "" if dtype == "float32" else f"-{dtype.replace('bfloat16', 'bf16')}")
+            out[label] = (full,
+                          lambda k=k, xs=xs: k.hash(xs, ffn.bh4_weight, p["hash_bias"], decay),
+                          lambda k=k, cs=cs, ss=ss, tables=tables, scale=scale: k.gather(
+                              cs, ss, tables, p["bias"], scale),
+                          xs.shape[0], shapes_itemsize(dtype))
     return out
+
+
+def shapes_itemsize(dtype: str) -> int:
+    from lookupc.config import TABLE_DTYPES as sizes
+
+    return sizes[dtype]
 
 
 def _without_records(shapes, tuning_db) -> bool:
@@ -136,7 +159,7 @@ def _without_records(shapes, tuning_db) -> bool:
 
 
 def run_config(name: str, tokens: int, repeats: int, schedules, tuning_db, naive_tokens,
-               compile_dense: bool, bw_l3: float):
+               compile_dense: bool, bw_l3: float, table_dtypes=("float32",)):
     d, hidden, cfg = CONFIGS[name]
     torch.manual_seed(0)
     x = torch.randn(tokens, d)
@@ -152,9 +175,9 @@ def run_config(name: str, tokens: int, repeats: int, schedules, tuning_db, naive
                                dense=True)
     for note in notes:
         print(f"  note: {note}", file=sys.stderr)
-    for vname, (full, h, g, n) in lookup_variants(ffn, x, schedules, tuning_db,
-                                                  naive_tokens).items():
-        variants[vname] = dict(fn=full, hash=h, gather=g, tokens=n)
+    for vname, (full, h, g, n, itemsize) in lookup_variants(
+            ffn, x, schedules, tuning_db, naive_tokens, table_dtypes).items():
+        variants[vname] = dict(fn=full, hash=h, gather=g, tokens=n, itemsize=itemsize)
 
     times = {v: {"full": [], "hash": [], "gather": []} for v in variants}
     with torch.no_grad():
@@ -169,8 +192,6 @@ def run_config(name: str, tokens: int, repeats: int, schedules, tuning_db, naive
                     times[vname]["hash"].append(timed(v["hash"]))
                     times[vname]["gather"].append(timed(v["gather"]))
 
-    gather_bytes = tokens * cfg.tables * d * 4
-    bound_ms = gather_bytes / (bw_l3 * 1e9) * 1e3
     rows = []
     dense_med = statistics.median(times["dense"]["full"])
     best_name, best_med = baselines.best_dense(
@@ -188,6 +209,8 @@ def run_config(name: str, tokens: int, repeats: int, schedules, tuning_db, naive
                                          or baselines.cpu_isa()["amx_bf16"]):
             row["note"] = "no native bf16 on this CPU (PyTorch emulates it)"
         if t["hash"]:
+            # the gather must read tokens x tables rows of d values of the stored dtype
+            bound_ms = tokens * cfg.tables * d * v["itemsize"] / (bw_l3 * 1e9) * 1e3
             row["hash_ms"] = statistics.median(t["hash"])
             row["gather_ms"] = statistics.median(t["gather"])
             row["gather_bound_ms"] = bound_ms
@@ -200,14 +223,14 @@ def run_config(name: str, tokens: int, repeats: int, schedules, tuning_db, naive
 
 
 def print_table(rows) -> None:
-    head = (f"{'config':10s} {'variant':19s} {'tokens':>6s} {'median ms':>10s} {'min ms':>8s} "
+    head = (f"{'config':12s} {'variant':24s} {'tokens':>6s} {'median ms':>10s} {'min ms':>8s} "
             f"{'x dense':>8s} {'x best':>7s} {'hash ms':>8s} {'gather ms':>9s} {'g/bound':>7s}")
     print(head)
     print("-" * len(head))
     for r in rows:
         def f(key, fmt):
             return format(r[key], fmt) if key in r else "-"
-        print(f"{r['config']:10s} {r['variant']:19s} {r['tokens']:6d} {r['ms_median']:10.2f} "
+        print(f"{r['config']:12s} {r['variant']:24s} {r['tokens']:6d} {r['ms_median']:10.2f} "
               f"{r['ms_min']:8.2f} {r['speedup_vs_dense']:8.2f} "
               f"{r['speedup_vs_best_dense']:7.2f} {f('hash_ms', '8.2f'):>8s} "
               f"{f('gather_ms', '9.2f'):>9s} {f('gather_vs_bound', '7.2f'):>7s}"

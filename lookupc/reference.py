@@ -36,6 +36,12 @@ Scores (paper section 4, the GELU-like weight)
 Gather
     ``y = sum_k score_k * T[k, code_k, :] + bias`` with tables T [h, 2**tau, d_out].
 
+Reduced-precision tables (inference)
+    ``bfloat16`` tables are rounded to nearest even from the float32 master tables; the
+    gather widens each element to float32. ``int8`` tables are symmetric per row:
+    ``scale[k, r] = max_c |T[k, r, c]| / 127``, ``q = round(T / scale)`` in [-127, 127],
+    and the gather reads ``scale[k, code_k] * q[k, code_k, :]``. Accumulation is float32.
+
 Backward formulas (used by the custom ops' autograd): with ``a = |z|``,
 ``A = sum a`` and ``P = prod(1 + e^{-2a})``, ``d score / d z_j =
 sign(z_j) / P * (1 + 2 A sigmoid(-2 a_j))``; codes carry no gradient.
@@ -49,7 +55,8 @@ from torch import Tensor
 
 __all__ = [
     "fwht", "bh4_forward", "hash_forward", "codes_scores", "gather_forward",
-    "hash_backward", "gather_backward", "lookup_ffn",
+    "hash_backward", "gather_backward", "lookup_ffn", "quantize_tables", "dequantize_tables",
+    "gather_forward_quantized",
 ]
 
 # Bound on elements materialised at once by the chunked reference gather backward.
@@ -156,6 +163,43 @@ def gather_forward(codes: Tensor, scores: Tensor, tables: Tensor, bias: Tensor) 
     y = F.embedding_bag(idx, tables.reshape(h * rows, d_out), per_sample_weights=scores,
                         mode="sum")
     return y + bias
+
+
+def quantize_tables(tables: Tensor, dtype: str) -> tuple[Tensor, Tensor | None]:
+    """Float tables [h, rows, d_out] -> (stored tables, int8 row scales [h, rows] or None).
+
+    ``dtype`` is ``"bfloat16"`` (no scale) or ``"int8"`` (symmetric per row, see the module
+    docstring; an all-zero row gets scale 0).
+    """
+    t = tables.detach().to(torch.float32)
+    if dtype == "bfloat16":
+        return t.to(torch.bfloat16), None
+    if dtype != "int8":
+        raise ValueError(f"quantize_tables: dtype must be 'bfloat16' or 'int8', got {dtype!r}")
+    scale = t.abs().amax(-1) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(t / safe.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_tables(tables: Tensor, scale: Tensor | None) -> Tensor:
+    """Float32 tables from stored ones (float32 / bfloat16 as they are, int8 times scale)."""
+    if tables.dtype == torch.int8:
+        return tables.to(torch.float32) * scale.to(torch.float32).unsqueeze(-1)
+    return tables.to(torch.float32)
+
+
+def gather_forward_quantized(codes: Tensor, scores: Tensor, tables: Tensor,
+                             scale: Tensor | None, bias: Tensor) -> Tensor:
+    """:func:`gather_forward` on bfloat16 or int8 tables (float32 accumulation)."""
+    h, rows, d_out = tables.shape
+    idx = codes.long() + torch.arange(h, device=codes.device) * rows
+    weights = scores.to(torch.float32)
+    if tables.dtype == torch.int8:
+        weights = weights * scale.reshape(-1)[idx]
+    flat = tables.reshape(h * rows, d_out).to(torch.float32)
+    y = F.embedding_bag(idx, flat, per_sample_weights=weights, mode="sum")
+    return (y + bias.to(torch.float32)).to(scores.dtype)
 
 
 def hash_backward(grad_scores: Tensor, x: Tensor, weight: Tensor, hash_bias: Tensor,

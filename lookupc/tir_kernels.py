@@ -26,7 +26,9 @@ hash(x [n, d_in], weight, hash_bias [h*tau], decay: float32, codes [n, h] int32,
 
 gather(codes [n, h] int32, scores [n, h], tables [h, 2**tau, d_out], bias [d_out], y [n, d_out])
     ``y = bias + sum_k scores[:, k] * tables[k, codes[:, k]]``. Codes are masked to
-    ``2**tau - 1`` so that a bad code can never read outside the tables.
+    ``2**tau - 1`` so that a bad code can never read outside the tables. Tables may be
+    float32, bfloat16 (as int16 bits) or int8 with row scales (``KernelShapes.table_dtype``,
+    :func:`make_gather`); the sum is float32 in every case.
 
 Block names are stable (schedules refer to them): hash: ``pad``, ``bmm{j}``,
 ``fwht{j}_{s}``, ``mix``, ``code``, ``sabs``, ``den``, ``score``; gather: ``gather``.
@@ -165,8 +167,22 @@ def make_hash(s: KernelShapes, fold: bool = True, token_tile: int = 1,
 
 
 def make_gather(s: KernelShapes, name: str = "gather") -> "tirx.PrimFunc":
-    """The gather PrimFunc (schedulable TIR) for shapes ``s``; see the module docstring."""
+    """The gather PrimFunc (schedulable TIR) for shapes ``s``; see the module docstring.
+
+    ``s.table_dtype`` picks the table buffer: float32; ``bfloat16`` passed as its int16
+    bit pattern (widened exactly: the bits shifted into the top half of a float32, no
+    dependence on LLVM's bf16 support); ``int8`` with an extra float32 ``scale`` buffer
+    [h, rows] between ``tables`` and ``bias`` (row = scale * q).
+    """
     h, rows, d_out = s.tables, 1 << s.bits, s.d_out
+    if s.table_dtype == "float32":
+        return _gather_f32(h, rows, d_out).with_attr("global_symbol", name)
+    if s.table_dtype == "bfloat16":
+        return _gather_bf16(h, rows, d_out).with_attr("global_symbol", name)
+    return _gather_int8(h, rows, d_out).with_attr("global_symbol", name)
+
+
+def _gather_f32(h: int, rows: int, d_out: int):
     mask = rows - 1
 
     @T.prim_func(s_tir=True)
@@ -186,4 +202,53 @@ def make_gather(s: KernelShapes, name: str = "gather") -> "tirx.PrimFunc":
                 y[vi, vc] = y[vi, vc] + scores[vi, vk] * tables[
                     vk, T.bitwise_and(codes[vi, vk], mask), vc]
 
-    return gather.with_attr("global_symbol", name)
+    return gather
+
+
+def _gather_bf16(h: int, rows: int, d_out: int):
+    mask = rows - 1
+
+    @T.prim_func(s_tir=True)
+    def gather(var_codes: T.handle, var_scores: T.handle,
+               tables: T.Buffer((h, rows, d_out), "int16"),
+               bias: T.Buffer((d_out,), "float32"), var_y: T.handle):
+        T.func_attr({"global_symbol": "gather", "tirx.noalias": True})
+        n = T.int32()
+        codes = T.match_buffer(var_codes, (n, h), "int32")
+        scores = T.match_buffer(var_scores, (n, h), "float32")
+        y = T.match_buffer(var_y, (n, d_out), "float32")
+        for i, c, k in T.grid(n, d_out, h):
+            with T.sblock("gather"):
+                vi, vc, vk = T.axis.remap("SSR", [i, c, k])
+                with T.init():
+                    y[vi, vc] = bias[vc]
+                y[vi, vc] = y[vi, vc] + scores[vi, vk] * T.reinterpret(
+                    "float32", T.shift_left(T.Cast("int32", tables[
+                        vk, T.bitwise_and(codes[vi, vk], mask), vc]), 16))
+
+    return gather
+
+
+def _gather_int8(h: int, rows: int, d_out: int):
+    mask = rows - 1
+
+    @T.prim_func(s_tir=True)
+    def gather(var_codes: T.handle, var_scores: T.handle,
+               tables: T.Buffer((h, rows, d_out), "int8"),
+               scale: T.Buffer((h, rows), "float32"),
+               bias: T.Buffer((d_out,), "float32"), var_y: T.handle):
+        T.func_attr({"global_symbol": "gather", "tirx.noalias": True})
+        n = T.int32()
+        codes = T.match_buffer(var_codes, (n, h), "int32")
+        scores = T.match_buffer(var_scores, (n, h), "float32")
+        y = T.match_buffer(var_y, (n, d_out), "float32")
+        for i, c, k in T.grid(n, d_out, h):
+            with T.sblock("gather"):
+                vi, vc, vk = T.axis.remap("SSR", [i, c, k])
+                with T.init():
+                    y[vi, vc] = bias[vc]
+                y[vi, vc] = y[vi, vc] + scores[vi, vk] * scale[
+                    vk, T.bitwise_and(codes[vi, vk], mask)] * T.Cast("float32", tables[
+                        vk, T.bitwise_and(codes[vi, vk], mask), vc])
+
+    return gather

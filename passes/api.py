@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Mapping, Union
 
 import torch
@@ -193,7 +193,8 @@ def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
             init: str = "random", calibration: Any = None,
             distill_options: dict | None = None, *, force: bool = False,
             max_table_bytes: int | None = None,
-            min_fidelity: float | None = None, tokenizer: Any = None) -> ConversionResult:
+            min_fidelity: float | None = None, tokenizer: Any = None,
+            table_dtype: str | None = None) -> ConversionResult:
     """Replace every Linear -> GELU -> Linear of ``model`` with a LookupFFN.
 
     Parameters
@@ -230,6 +231,10 @@ def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
         Hugging Face tokenizer for text calibration (default: the one saved in the
         model's directory, when there is one).
 
+    table_dtype : {'float32', 'bfloat16', 'int8'}, optional
+        Store every LookupFFN's tables in this dtype (overrides the configs'
+        ``table_dtype``). Tables are trained/distilled in float32 and quantised at the
+        end (:mod:`lookupc.table_quant`); ``report`` shows bytes and error per layer.
     Returns
     -------
     ConversionResult
@@ -259,6 +264,8 @@ def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
             raise LookupcInputError(f"config names FFNs that were not found: {sorted(unknown)}; "
                                     f"found: {[m.name for m in analysis.matches]}")
     matches, configs = [], {}
+    if table_dtype is not None:
+        LookupConfig(table_dtype=table_dtype)  # validates the name before any work
     for m in analysis.matches:
         cfg = _config_for(config, m, init)
         if cfg is None:
@@ -280,6 +287,9 @@ def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
     order = {m.name: i for i, m in enumerate(matches)}
     replacements.sort(key=lambda r: order[r.name])
     report = ConversionReport(
+    # tables are built (and distilled) in float32 and quantised at the end
+    stored = {n: table_dtype or c.table_dtype for n, c in configs.items()}
+    configs = {n: replace(c, table_dtype="float32") for n, c in configs.items()}
         [_matched(by_name[r.name], r.lookup) for r in replacements], skipped)
     result = ConversionResult(module, report, replacements)
     if distill is not None:
@@ -294,6 +304,12 @@ def _cheaper_than_dense(m: FFNMatch, cfg: LookupConfig, try_cheaper: bool,
                         force: bool) -> tuple[LookupConfig | None, str]:
     """``(cfg, "")`` when a LookupFFN with ``cfg`` costs fewer FLOPs than the dense FFN
     (or ``force``); else a cheaper default, or ``(None, reason)``."""
+    if any(d != "float32" for d in stored.values()):
+        from lookupc.table_quant import quantize_lookups
+
+        lookup_names = {id(m): n for n, m in module.named_modules()}
+        quantize_lookups(result, {lookup_names[id(r.lookup)]: stored[r.name]
+                                  for r in replacements if id(r.lookup) in lookup_names})
     from lookupc.config import cheaper_configs, lookup_flops
 
     dense = m.dense_flops()

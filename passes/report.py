@@ -36,13 +36,16 @@ class MatchedFFN:
     table_bytes: int
     rel_error: float | None = None
     calls: int = 1
+    #: relative error of the stored tables after quantisation (``lookupc.table_quant``)
+    table_error: float | None = None
 
     def to_dict(self) -> dict:
         return {"name": self.name, "d_in": self.d_in, "d_hidden": self.d_hidden,
                 "d_out": self.d_out, "activation": self.activation, "form": self.form,
                 "config": self.config.to_dict(), "flops_before": self.flops_before,
                 "flops_after": self.flops_after, "table_bytes": self.table_bytes,
-                "rel_error": self.rel_error, "calls": self.calls}
+                "rel_error": self.rel_error, "calls": self.calls,
+                "table_error": self.table_error}
 
 
 @dataclass
@@ -78,16 +81,30 @@ class ConversionReport:
                 "fidelity": self.fidelity}
 
     def _rows(self) -> list[list[str]]:
+        quantised = any(m.table_error is not None for m in self.matched)
         rows = [["location", "d_in-d_hid-d_out", "act", "form", "h x tau / bs",
-                 "FLOPs dense", "FLOPs lookup", "tables", "rel_err"]]
+                 "FLOPs dense", "FLOPs lookup", "tables", "rel_err"]
+                + (["table_err"] if quantised else [])]
         for m in self.matched:
             c = m.config
             form = m.form if m.calls == 1 else f"{m.form} x{m.calls}"
+            dtype = "" if c.table_dtype == "float32" else f" {c.table_dtype}"
             rows.append([m.name, f"{m.d_in}-{m.d_hidden}-{m.d_out}", m.activation, form,
                          f"{c.tables}x{c.bits} / {c.block_size}", f"{m.flops_before:,}",
-                         f"{m.flops_after:,}", _bytes(m.table_bytes),
-                         "-" if m.rel_error is None else f"{m.rel_error:.4f}"])
+                         f"{m.flops_after:,}", _bytes(m.table_bytes) + dtype,
+                         "-" if m.rel_error is None else f"{m.rel_error:.4f}"]
+                        + (["-" if m.table_error is None else f"{m.table_error:.4f}"]
+                           if quantised else []))
         return rows
+
+    def _dtype_summary(self) -> str:
+        """`` (int8: 3.1 MiB, float32: 1.0 MiB)`` when the tables are not all float32."""
+        per: dict[str, int] = {}
+        for m in self.matched:
+            per[m.config.table_dtype] = per.get(m.config.table_dtype, 0) + m.table_bytes
+        if set(per) == {"float32"}:
+            return ""
+        return " (" + ", ".join(f"{d}: {_bytes(b)}" for d, b in sorted(per.items())) + ")"
 
     def __str__(self) -> str:
         rows = self._rows()
@@ -99,7 +116,8 @@ class ConversionReport:
         if self.matched:
             ratio = self.flops_before / max(1, self.flops_after)
             lines.append(f"total FFN FLOPs/token: {self.flops_before:,} -> {self.flops_after:,} "
-                         f"(dense/lookup {ratio:.2f}x); tables {_bytes(self.table_bytes)}")
+                         f"(dense/lookup {ratio:.2f}x); tables {_bytes(self.table_bytes)}"
+                         + self._dtype_summary())
         if self.model_error:
             e = self.model_error
             where = (f"{e['held_out_items']} held-out calibration item(s)" if e["held_out_items"]

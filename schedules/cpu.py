@@ -22,17 +22,23 @@ Hash (compute-bound: ~0.5 MFLOP/token of 64x64 block matmuls at the paper config
        axis (output columns / tables); codes and scores reduce over bits outermost so the
        tables stay in vector lanes (``mix`` writes z as [tau, h] for that).
 
-Gather (memory-bound: h random rows of d_out floats per token)
-    Table-outer blocking: tables in groups of ``kb`` are the outer serial loop; inside,
-    tokens run in parallel and each token adds its ``kb`` rows into its ``y`` row. A group
-    of ``kb`` tables (``kb * 2**tau * d_out * 4`` bytes, 1 MiB per 2 tables at the paper
-    config) stays in L2/L3 while every
-    token uses it, instead of each token streaming 128 random 2 KiB rows from DRAM. ``y``
-    is re-read ``h / kb`` times from L2/L3 instead. Measured here (shared 2-core box,
-    paper config, interleaved runs): kb=4 and 8 are within noise of each other (the notes'
-    quiet AVX-512 box: kb=4 13.3 ms, kb=1 16.2, kb=16 14.8 at N=4096); splitting the
-    columns across threads instead of the tokens (one parallel region, no per-group
-    barrier) was 1.5-2x slower.
+Gather (memory-bound: h random rows of d_out values per token), two forms
+    *Table-outer* (large tables): tables in groups of ``kb`` are the outer serial loop;
+    inside, tokens run in parallel and each token adds its ``kb`` rows into its ``y`` row.
+    A group of ``kb`` tables (``kb * 2**tau * d_out`` elements, 1 MiB per 2 fp32 tables at
+    the paper config) stays in L2/L3 while every token uses it, instead of each token
+    streaming 128 random 2 KiB rows from DRAM; ``y`` is re-read ``h / kb`` times instead.
+    Measured here (shared 2-core box, paper config, interleaved runs): kb=4 and 8 are
+    within noise of each other (the notes' quiet AVX-512 box: kb=4 13.3 ms, kb=1 16.2,
+    kb=16 14.8 at N=4096); splitting the columns across threads instead of the tokens
+    (one parallel region, no per-group barrier) was 1.5-2x slower.
+    *Register* (tables of at most ``REGISTER_GATHER_MAX_BYTES``, e.g. 1-bit tables):
+    chunks of tokens in parallel; per tile of ``cols`` output columns each token sums all
+    its tables' row slices in registers, so ``y`` is written once and every FMA loads one
+    table vector (the table-outer form re-reads ``y`` per group: at 512 x 1 tables that
+    is 128 passes over a 6 MiB ``y`` at N=4096). Tables may be float32, bfloat16 or int8
+    (``KernelShapes.table_dtype``); both forms widen each element to float32 as it is
+    loaded.
 
 Prefetch: ``s_tir.Schedule`` has no prefetch primitive. ``tirx.prefetch`` exists as a
 builtin (lowers to ``prefetcht0``) and can be issued from a write-free block beside the
@@ -71,12 +77,34 @@ class HashKnobs:
 
 @dataclass(frozen=True)
 class GatherKnobs:
-    """Tile size of the gather schedule (an int, or a MetaSchedule random variable).
+    """Tile sizes of the gather schedule (ints, or MetaSchedule random variables).
 
-    kb: tables per cache-resident group (divides h).
+    kb: tables per cache-resident group (divides h), for the table-outer form.
+    cols: output columns per register tile for the register form (0: table-outer form;
+    None: chosen from the table size, :func:`gather_mode`).
     """
 
     kb: Any = 4
+    cols: Any = None
+
+
+# Tables up to this many bytes take the register form of the gather (they stay in L2
+# while tokens stream past); larger tables the table-outer form. Measured on a 2-core
+# Zen 3 (AVX2, 1 MiB L2 per core), N=4096, 2 threads, forms interleaved (ms, outer /
+# register with 32 / 64 columns): 512x1 x 384 (1.5 MiB) 118 / 93 / 111; 128x4 x 384
+# (3 MiB) 31 / 31 / 32; 256x4 x 384 (6 MiB) 78 / 126 / 119; 128x8 x 512 (64 MiB) 100 /
+# 304 / 263. ``tuned`` searches both forms.
+REGISTER_GATHER_MAX_BYTES = 2 << 20
+REGISTER_GATHER_COLS = 32
+GATHER_TOKEN_CHUNK = 32
+
+
+def gather_mode(shapes: Any) -> str:
+    """``"register"`` or ``"table-outer"``: which gather form the hand schedule uses."""
+    from lookupc.config import TABLE_DTYPES
+
+    size = shapes.tables * (1 << shapes.bits) * shapes.d_out * TABLE_DTYPES[shapes.table_dtype]
+    return "register" if size <= REGISTER_GATHER_MAX_BYTES else "table-outer"
 
 
 TOKEN_TILE = 16  # the hash kernel's token padding (lookupc.tir_kernels.make_hash)
@@ -99,8 +127,16 @@ def valid_hash_knobs(shapes: Any, lanes: int, knobs: HashKnobs) -> HashKnobs:
 
 
 def valid_gather_knobs(shapes: Any, lanes: int, knobs: GatherKnobs) -> GatherKnobs:
-    """``knobs`` clipped to values that tile ``shapes`` exactly (no tail predicates)."""
-    return GatherKnobs(kb=pow2_divisor(shapes.tables, knobs.kb))
+    """``knobs`` clipped to values that tile ``shapes`` exactly (no tail predicates), with
+    ``cols`` resolved (0 = table-outer form)."""
+    cols = knobs.cols
+    if cols is None:
+        cols = REGISTER_GATHER_COLS if gather_mode(shapes) == "register" else 0
+    if cols and shapes.d_out % lanes == 0:
+        cols = max(lanes, pow2_divisor(shapes.d_out, cols))
+    elif cols:  # d_out not a multiple of the vector width: the table-outer form
+        cols = 0
+    return GatherKnobs(kb=pow2_divisor(shapes.tables, knobs.kb), cols=cols)
 
 
 def _vectorize_last(sch: Any, block: Any, extent: int, lanes: int) -> None:
@@ -182,10 +218,39 @@ def schedule_hash(sch: Any, shapes: Any, lanes: int, knobs: HashKnobs) -> None:
 
 
 def schedule_gather(sch: Any, shapes: Any, lanes: int, knobs: GatherKnobs) -> None:
-    """Apply the table-blocked schedule to the gather PrimFunc in ``sch`` (in place).
+    """Apply the gather schedule to the gather PrimFunc in ``sch`` (in place).
 
-    ``knobs`` must already be valid for ``shapes`` (:func:`valid_gather_knobs`).
+    ``knobs`` must already be valid for ``shapes`` (:func:`valid_gather_knobs`):
+    ``cols`` > 0 takes the register form, else the table-outer form.
     """
+    if isinstance(knobs.cols, int) and knobs.cols == 0:
+        _schedule_gather_table_outer(sch, shapes, lanes, knobs)
+    else:
+        _schedule_gather_registers(sch, shapes, lanes, knobs.cols)
+
+
+def _schedule_gather_registers(sch: Any, shapes: Any, lanes: int, cols: Any) -> None:
+    """Token-outer gather accumulating in registers: chunks of tokens in parallel; per
+    column tile (``cols`` outputs) every token of the chunk adds each table's row slice
+    into a register tile (one table load per FMA, ``y`` written once). The tables' slice
+    for one column tile (``h * 2**tau * cols`` elements) stays in L2 across the chunk."""
+    block = sch.get_sblock("gather")
+    i, c, k = sch.get_loops(block)
+    i_o, i_i = sch.split(i, [None, GATHER_TOKEN_CHUNK])
+    c_o, c_i = sch.split(c, [None, cols])
+    sch.reorder(i_o, c_o, i_i, k, c_i)
+    sch.parallel(i_o)
+    acc = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(acc, i_i)
+    unroll_v, lane = sch.split(c_i, [None, lanes])
+    sch.vectorize(lane)
+    sch.unroll(unroll_v)
+    _vectorize_last(sch, acc, lanes, lanes)
+    sch.decompose_reduction(block, k)
+
+
+def _schedule_gather_table_outer(sch: Any, shapes: Any, lanes: int, knobs: GatherKnobs) -> None:
+    """Table-outer gather (module docstring): groups of ``kb`` tables outermost."""
     block = sch.get_sblock("gather")
     i, c, k = sch.get_loops(block)
     # Phase 1: groups of kb tables outermost (cache-resident group), tokens inside.

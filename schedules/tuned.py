@@ -76,7 +76,18 @@ def _hash_candidates(shapes: Any, lanes: int) -> dict[str, list[int]]:
 
 
 def _gather_candidates(shapes: Any, lanes: int) -> dict[str, list[int]]:
+    """One knob, by the hand schedule's form for ``shapes`` (:func:`gather_mode`): the
+    register tile's columns, or the table-outer group size."""
+    if valid_gather_knobs(shapes, lanes, GatherKnobs()).cols:
+        return {"cols": sorted({pow2_divisor(shapes.d_out, lanes * m) for m in (1, 2, 4, 8)})}
     return {"kb": sorted({pow2_divisor(shapes.tables, kb) for kb in (1, 2, 4, 8, 16, 32)})}
+
+
+def _gather_knobs(shapes: Any, lanes: int, value: Any) -> GatherKnobs:
+    """The knobs whose one sampled value is ``value`` (see :func:`_gather_candidates`)."""
+    if "cols" in _gather_candidates(shapes, lanes):
+        return GatherKnobs(cols=value)
+    return GatherKnobs(kb=value, cols=0)
 
 
 def _sample(sch: Any, values: list[int]) -> Any:
@@ -99,7 +110,8 @@ def _gather_space(shapes: Any, lanes: int):
     cand = _gather_candidates(shapes, lanes)
 
     def space(sch: Any) -> None:
-        schedule_gather(sch, shapes, lanes, GatherKnobs(kb=_sample(sch, cand["kb"])))
+        (values,) = cand.values()
+        schedule_gather(sch, shapes, lanes, _gather_knobs(shapes, lanes, _sample(sch, values)))
 
     return space
 
@@ -429,8 +441,8 @@ class TunedSchedule:
     def gather(self, func: Any, shapes: Any, target: Any) -> Any:
         lanes = tvm_shim.vector_lanes(target)
         knobs = self._knobs("gather", shapes, target)
-        chosen = (valid_gather_knobs(shapes, lanes, GatherKnobs()) if knobs is None
-                  else GatherKnobs(kb=knobs[0]))
+        chosen = valid_gather_knobs(shapes, lanes, GatherKnobs() if knobs is None
+                                    else _gather_knobs(shapes, lanes, knobs[0]))
         sch = tvm_shim.Schedule(func)
         schedule_gather(sch, shapes, lanes, chosen)
         return sch.mod["main"]

@@ -92,3 +92,18 @@ def lookup_ffn(x, weight, hash_bias, tables, bias, decay, bits):
     z = soft_codes(x, weight, hash_bias, decay, bits)
     codes, scores = codes_scores(z, bits)
     return codes, scores, gather(codes, scores, tables, bias)
+
+
+def quantize_int8(tables):
+    """Symmetric int8 per table row: (q int8 [h, rows, d], scale [h, rows]), row = scale * q."""
+    t = np.asarray(tables, dtype=np.float32)
+    scale = np.abs(t).max(axis=-1) / np.float32(127.0)
+    safe = np.where(scale > 0, scale, np.float32(1.0))
+    q = np.clip(np.rint(t / safe[..., None]), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+def bfloat16_bits_to_float(bits):
+    """float64 values of bfloat16 numbers given as their int16/uint16 bit patterns."""
+    u = np.asarray(bits).astype(np.uint16).astype(np.uint32) << 16
+    return u.view(np.float32).astype(np.float64)

@@ -58,7 +58,8 @@ def test_layout_and_manifest(compiled):
     assert manifest["versions"]["tvm"] == art.versions()["tvm"]
     assert manifest["target"] == host_target().to_dict() and manifest["schedule"] == "hand"
     assert manifest["kernels"] == [{"d_in": 128, "d_out": 128, "tables": 32, "bits": 8,
-                                    "block_size": 64, "repeats": 2}]
+                                    "block_size": 64, "repeats": 2,
+                                    "table_dtype": "float32"}]
     assert [c["module"] for c in manifest["config"]] == [
         n for n, m in result.module.named_modules() if isinstance(m, lookupc.LookupFFN)]
     assert manifest["program"]["inputs"] == [{"name": "input_0", "shape": [2, 8],

@@ -24,7 +24,8 @@ def test_compare_writes_table_json_and_png(tmp_path):
                         "tvm-hand"]
     data = json.loads(js.read_text())
     assert data["configs"]["64x256"] == {"d_model": 64, "d_hidden": 256, "tables": 16,
-                                         "bits": 8, "block_size": 64, "decay": 0.7}
+                                         "bits": 8, "block_size": 64, "decay": 0.7,
+                                         "table_dtype": "float32"}
     rows = {row["variant"]: row for row in data["rows"]}
     assert set(rows) == {"dense", "dense-bf16", "dense-int8-dynamic", "lookup-reference",
                          "tvm-hand"}
