@@ -10,6 +10,8 @@ Layout of an artifact directory (``lookupc compile ... -o DIR``)::
                             without a linker for the target: object files, linked at load)
       inputs.safetensors    the example inputs it was compiled with (``lookupc run DIR``
                             uses them when no --input is given)
+      tokenizer/            the source model's tokenizer files, when it has them
+                            (``lookupc run DIR --text``, ``Artifact.encode``: lookupc.text_io)
 
 ``manifest.json`` records the sha256 and size of every other file and a sha256 of its
 own content. :func:`verify` checks all of it and says exactly what is wrong (a missing,
@@ -91,7 +93,7 @@ _VERSION_RULES = {
 
 def write_artifact(out_dir: str | os.PathLike, *, program, example_inputs: tuple,
                    build_library: Callable[[str], str], manifest_fields: dict,
-                   overwrite: bool = False) -> dict:
+                   overwrite: bool = False, extra_files: dict | None = None) -> dict:
     """Write an artifact directory (see the module docstring) and return its manifest.
 
     Parameters
@@ -108,6 +110,9 @@ def write_artifact(out_dir: str | os.PathLike, *, program, example_inputs: tuple
         library (the suffix it picks, ``.so`` or ``.tar``, is kept).
     manifest_fields : dict
         Target, schedule, config, shapes, program description... merged into the manifest.
+    extra_files : dict, optional
+        ``{relative name: source path}`` copied in (e.g. ``tokenizer/vocab.txt``); hashed
+        like every other file.
     """
     from .model_io import save_inputs, save_program
 
@@ -120,6 +125,9 @@ def write_artifact(out_dir: str | os.PathLike, *, program, example_inputs: tuple
         save_program(program, str(tmp / PROGRAM),
                      manifest_fields.get("program", {}).get("outputs", []))
         save_inputs(tuple(example_inputs), str(tmp / INPUTS))
+        for name, src in (extra_files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, tmp / name)
         library = Path(build_library(str(tmp / "kernels")))
         if library.parent != tmp or not library.is_file():
             raise ArtifactError(f"kernel library was not written into {tmp}: {library}")
@@ -128,8 +136,9 @@ def write_artifact(out_dir: str | os.PathLike, *, program, example_inputs: tuple
                         timespec="seconds"),
                     "versions": versions(), **manifest_fields}
         manifest["library"] = library.name
-        manifest["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                             for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest["files"] = {p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p),
+                                                             "bytes": p.stat().st_size}
+                             for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest["manifest_sha256"] = _manifest_digest(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
         if out.exists():
@@ -183,6 +192,9 @@ def _check_files(root: Path, manifest: dict) -> list[str]:
     problems = []
     for name, meta in manifest.get("files", {}).items():
         p = root / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            problems.append(f"{name} is a path outside the artifact")
+            continue
         if not p.is_file():
             problems.append(f"{name} is missing")
             continue
@@ -347,6 +359,34 @@ class Artifact(torch.nn.Module):
                 f"a sequence longer than the model's positions is the usual cause): "
                 f"{type(err).__name__}: {text}") from err
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+    @property
+    def tokenizer(self):
+        """The tokenizer bundled in the artifact (``tokenizer/``); an error says when there
+        is none (:func:`lookupc.text_io.load_tokenizer`)."""
+        if getattr(self, "_tokenizer", None) is None:
+            from .text_io import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.path, self.manifest)
+        return self._tokenizer
+
+    def encode(self, sentences, batch_size: int = 32, normalize: bool | None = None,
+               convert_to_tensor: bool = False, schedule: str | None = None):
+        """Sentence embeddings of ``sentences`` (a string or a list of strings).
+
+        Tokenises with the bundled tokenizer (texts longer than the model takes are
+        truncated with a :class:`lookupc.text_io.TextTruncatedWarning`), runs the program in
+        batches of ``batch_size``, pools as the manifest's ``embedding`` says (mean over
+        the attention mask unless the source was a sentence-transformers model with other
+        pooling) and L2-normalises when the source had a ``Normalize`` module
+        (``normalize=True/False`` overrides). Returns a float32 numpy array ``[n, dim]``
+        (``[dim]`` for one string), or a ``torch.Tensor`` with ``convert_to_tensor=True``;
+        ``schedule="reference"`` runs the PyTorch reference ops instead of the kernels.
+        """
+        from .text_io import encode
+
+        return encode(self, sentences, batch_size=batch_size, normalize=normalize,
+                      convert_to_tensor=convert_to_tensor, schedule=schedule)
 
     def _check_inputs(self, inputs: tuple) -> None:
         expected = self.manifest.get("program", {}).get("inputs", [])
@@ -579,6 +619,9 @@ def compile_artifact(result, loaded, spec, out_dir, *, schedule: str = "hand",
         raise LookupcInputError(f"{loaded.source}: no FFN was converted, nothing to compile "
                                 f"(see 'lookupc inspect' for why each FFN was skipped)")
     _prepare_dir(Path(out_dir), overwrite)
+    from .text_io import text_fields
+
+    text, extra_files = text_fields(loaded)  # a tokenizer that does not fit fails here
     bar = progress_bar(total=3 + len(shapes), desc="compile", unit="step",
                        disable=not progress, leave=False)
     bar.set_postfix_str("torch.export")
@@ -607,11 +650,12 @@ def compile_artifact(result, loaded, spec, out_dir, *, schedule: str = "hand",
                     "token_rule": TOKEN_RULE},
         "model": {"source": loaded.source, "kind": loaded.kind, **_jsonable(loaded.info)},
         "conversion": report,
+        **text,
     }
     bar.set_postfix_str("writing")
     manifest = write_artifact(out_dir, program=program, example_inputs=loaded.example_inputs,
                               build_library=build_library, manifest_fields=fields,
-                              overwrite=overwrite)
+                              overwrite=overwrite, extra_files=extra_files)
     if sign_key:
         from .signing import sign_artifact
 

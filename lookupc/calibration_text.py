@@ -26,10 +26,12 @@ def is_text_file(path: str) -> bool:
     return str(path).lower().endswith(TEXT_SUFFIXES)
 
 
-def read_sentences(path: str) -> list[tuple[int, str]]:
-    """``(line number, sentence)`` pairs of a ``.txt`` or ``.jsonl`` file (blank lines skipped)."""
+def read_sentences(path: str, what: str = "calibration file") -> list[tuple[int, str]]:
+    """``(line number, sentence)`` pairs of a ``.txt`` or ``.jsonl`` file (blank lines skipped).
+
+    ``what`` names the file in error messages (``--text-file`` for ``lookupc run``)."""
     if not os.path.isfile(path):
-        raise LookupcInputError(f"calibration file {path}: no such file")
+        raise LookupcInputError(f"{what} {path}: no such file")
     jsonl = str(path).lower().endswith(".jsonl")
     out = []
     try:
@@ -40,11 +42,10 @@ def read_sentences(path: str) -> list[tuple[int, str]]:
                 text = _jsonl_text(path, number, line) if jsonl else line.strip()
                 out.append((number, text))
     except UnicodeDecodeError as exc:
-        raise LookupcInputError(f"calibration file {path} is not UTF-8 text ({exc.reason} at "
+        raise LookupcInputError(f"{what} {path} is not UTF-8 text ({exc.reason} at "
                                 f"byte {exc.start})") from None
     if not out:
-        raise LookupcInputError(f"calibration file {path} has no sentences (it is empty or "
-                                f"blank)")
+        raise LookupcInputError(f"{what} {path} has no sentences (it is empty or blank)")
     return out
 
 

@@ -432,16 +432,21 @@ def keygen(key, force):
 
 @cli.command(context_settings=_CONTEXT, epilog=MODEL_HELP)
 @click.argument("model")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Where to write the torch.export program (.pt2).")
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="Where to write the torch.export program (.pt2), or the directory for "
+                   "--format sentence-transformers.")
+@click.option("--format", "fmt", type=click.Choice(["pt2", "sentence-transformers"]),
+              default="pt2", show_default=True,
+              help="sentence-transformers: a directory with modules.json, pooling, "
+                   "normalisation, tokenizer and the program (lookupc compile takes it).")
 @_model_options
 @_convert_options
 @_policy_options
 @_fidelity_option
-def convert(model, output, batch, seq_len, trust_pickle, tables, bits, block_size, init,
+def convert(model, output, fmt, batch, seq_len, trust_pickle, tables, bits, block_size, init,
             calibration, seed, distill_option):
     """Replace MODEL's FFNs with LookupFFNs and write a torch.export program (.pt2)."""
-    if not output.endswith(".pt2"):
+    if fmt == "pt2" and not output.endswith(".pt2"):
         raise _usage(f"-o/--output {output!r} must end in .pt2")
     options = _distill_options(distill_option, init)
     loaded = _load(model, batch, seq_len, trust_pickle)
@@ -453,6 +458,10 @@ def convert(model, output, batch, seq_len, trust_pickle, tables, bits, block_siz
     with _step("exporting"):
         program, names, flattened, dynamic = export_program(result.module, loaded.example_inputs)
         names = _output_names(loaded, names)
+        if fmt == "sentence-transformers":
+            from .st_export import write_loaded
+
+            return click.echo(write_loaded(output, program, names, loaded))
         save_program(program, output, names)
     if flattened:
         click.echo(f"note: the model returns {_kind_of_outputs(loaded)}; the program returns "
@@ -524,8 +533,20 @@ def compile_(model, target, output, schedule, tuning_db, force, sign_key, batch,
 @click.option("--input", "input_path", type=click.Path(dir_okay=False), default=None,
               help="Inputs (.pt tensors, .safetensors, .npy/.npz); default: the artifact's "
                    "example inputs.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="Write the outputs (.safetensors or .pt).")
+@click.option("-o", "--output", "--out", "output", type=click.Path(dir_okay=False), default=None,
+              help="Write the outputs (.safetensors or .pt); with --text the embeddings "
+                   "(.safetensors key 'embeddings', .npy, or .jsonl).")
+@click.option("--text", "texts", multiple=True,
+              help="A sentence to embed with the artifact's tokenizer (repeatable).")
+@click.option("--text-file", type=click.Path(dir_okay=False), default=None,
+              help="Sentences to embed: .txt (one per line) or .jsonl with a 'text' field.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Sentences per run of the artifact (with --text/--text-file).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "npy", "safetensors"]),
+              default=None, help="Embeddings file format (default: from --out's suffix); "
+                                 "jsonl without --out prints one JSON object per line.")
+@click.option("--normalize/--no-normalize", default=None,
+              help="L2-normalise the embeddings (default: as the source model did).")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Compare with the same program on the PyTorch reference ops.")
 @click.option("--repeat", type=click.IntRange(min=0), default=3, show_default=True,
@@ -541,11 +562,22 @@ def compile_(model, target, output, schedule, tuning_db, force, sign_key, batch,
 @click.option("--rebuild-kernels", is_flag=True,
               help="Never load kernels.so: rebuild the kernels here (the default for "
                    "artifacts not signed by a trusted key).")
-def run(artifact, input_path, output, check, repeat, ignore_versions, trusted_key,
-        trust_artifact, rebuild_kernels):
-    """Load an ARTIFACT directory (verifying it) and run it."""
+def run(artifact, input_path, output, texts, text_file, batch_size, fmt, normalize, check,
+        repeat, ignore_versions, trusted_key, trust_artifact, rebuild_kernels):
+    """Load an ARTIFACT directory (verifying it) and run it: on token inputs (--input, default
+    the compiled example inputs), or on text (--text/--text-file) giving sentence embeddings."""
     from .artifact import load
     from .model_io import load_inputs, save_inputs
+
+    text_mode = bool(texts or text_file)
+    if text_mode and input_path:
+        raise _usage("give --input or --text/--text-file, not both")
+    if not text_mode and fmt:
+        raise _usage("--format is for the embeddings of --text/--text-file")
+    if text_mode:
+        from .cli_text import run_text, text_request
+
+        sentences, fmt = text_request(texts, text_file, output, fmt)
 
     with _step(f"loading {artifact}"):
         model = load(artifact, check_versions=not ignore_versions, trusted_keys=trusted_key,
@@ -554,6 +586,8 @@ def run(artifact, input_path, output, check, repeat, ignore_versions, trusted_ke
                + ("" if model.kernel_source.startswith("artifact") or rebuild_kernels else
                   " (--trusted-key KEY.pub or --trust-artifact loads its kernels.so)"),
                err=True)
+    if text_mode:
+        return run_text(model, sentences, batch_size, output, fmt, normalize, check, artifact)
     inputs = load_inputs(input_path) if input_path else model.example_inputs
     outputs = model(*inputs)
     times = []

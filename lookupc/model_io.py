@@ -79,7 +79,7 @@ def describe_model_spec(spec: str) -> str:
     """Which kind of MODEL ``spec`` is (``hf``/``pt2``/``pickle``/``factory``); raises if none."""
     path = Path(spec)
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and not (path / "modules.json").is_file():
             _fail(f"{spec}: a directory but not a Hugging Face model (no config.json); MODEL is "
                   f"{MODEL_HELP}")
         return "hf"
@@ -131,6 +131,44 @@ def load_model(spec: str, *, batch: int = 2, seq_len: int = 32,
 
 def _load_hf(spec: str, *, batch: int, seq_len: int) -> LoadedModel:
     path = Path(spec)
+    if (path / "modules.json").is_file():  # a sentence-transformers directory
+        return _load_st(spec, batch=batch, seq_len=seq_len)
+    loaded = _load_hf_weights(spec, batch=batch, seq_len=seq_len)
+    from .text_io import EmbeddingSpec
+
+    positions = getattr(loaded.module.config, "max_position_embeddings", None)
+    loaded.info["embedding"] = EmbeddingSpec(max_length=positions).to_dict()
+    return loaded
+
+
+def _load_st(spec: str, *, batch: int, seq_len: int) -> LoadedModel:
+    """A sentence-transformers directory: its Transformer (HF weights, or the program that
+    ``lookupc convert --format sentence-transformers`` wrote) plus pooling and normalisation
+    (:mod:`lookupc.st_format`)."""
+    from .st_format import read_st_dir
+
+    st = read_st_dir(spec)
+    where = st["transformer_dir"]
+    marker = st["lookupc"]
+    if marker:
+        loaded = _load_pt2(str(where / marker.get("program", "model.pt2")))
+        loaded.source, loaded.kind = spec, "pt2"
+        loaded.info["vocab_rows"] = marker.get("vocab_rows")
+        names = marker.get("input_names") or []
+        if len(names) == len(loaded.example_inputs):
+            loaded.input_names = list(names)
+    else:
+        if not (where / "config.json").is_file():
+            _fail(f"{where}: the sentence-transformers Transformer directory has no config.json")
+        loaded = _load_hf_weights(str(where), batch=batch, seq_len=seq_len)
+        loaded.source = spec
+    loaded.info.update({"sentence_transformers": True, "embedding": st["embedding"],
+                        "tokenizer_dir": loaded.info.get("tokenizer_dir") or str(where)})
+    return loaded
+
+
+def _load_hf_weights(spec: str, *, batch: int, seq_len: int) -> LoadedModel:
+    path = Path(spec)
     weights = sorted(p.name for p in path.glob("*.safetensors"))
     if not weights:
         pickled = sorted(p.name for p in path.glob("*.bin"))
@@ -161,8 +199,17 @@ def _load_hf(spec: str, *, batch: int, seq_len: int) -> LoadedModel:
     info = {"architecture": type(model).__name__, "model_type": getattr(config, "model_type", ""),
             "hidden_size": getattr(config, "hidden_size", None),
             "intermediate_size": getattr(config, "intermediate_size", None),
-            "layers": getattr(config, "num_hidden_layers", None), "weights": weights}
+            "layers": getattr(config, "num_hidden_layers", None), "weights": weights,
+            "tokenizer_dir": str(path.resolve()), "vocab_rows": _embedding_rows(model, vocab)}
     return LoadedModel(model, inputs, "hf", spec, names, info)
+
+
+def _embedding_rows(model, vocab: int) -> int:
+    """Rows of the model's token embedding (what a tokenizer's ids must stay below)."""
+    try:
+        return int(model.get_input_embeddings().num_embeddings)
+    except (AttributeError, NotImplementedError, TypeError):
+        return vocab
 
 
 def _hf_example_inputs(model, vocab: int, batch: int, seq_len: int) -> tuple[tuple, list]:

@@ -202,7 +202,8 @@ def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
     model : nn.Module
         Not modified; the result holds a converted deep copy.
     example_inputs : tuple, dict or Tensor
-        As for :func:`find_ffns`.
+        As for :func:`find_ffns`. For a ``SentenceTransformer`` ``model``: sentences
+        (default two short ones) or its transformer's inputs (:mod:`lookupc.st_format`).
     config : LookupConfig, dict, callable or None
         None: sized from each FFN (``LookupConfig.for_distill`` with ``init='distill'``,
         else ``LookupConfig.for_ffn``); one LookupConfig for all;
@@ -230,15 +231,17 @@ def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
     tokenizer : optional
         Hugging Face tokenizer for text calibration (default: the one saved in the
         model's directory, when there is one).
-
     table_dtype : {'float32', 'bfloat16', 'int8'}, optional
         Store every LookupFFN's tables in this dtype (overrides the configs'
         ``table_dtype``). Tables are trained/distilled in float32 and quantised at the
         end (:mod:`lookupc.table_quant`); ``report`` shows bytes and error per layer.
+
     Returns
     -------
     ConversionResult
-        ``.module``, ``.report`` and ``.replacements``.
+        ``.module``, ``.report`` and ``.replacements``. For a ``SentenceTransformer``,
+        ``.module`` is a converted copy of it (its ``encode`` runs the LookupFFNs, with the
+        original pooling and normalisation) and ``.embedding`` describes that pooling.
 
     Examples
     --------
@@ -250,11 +253,19 @@ def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
     >>> type(r.module[0]).__name__, type(r.module[2]).__name__
     ('LookupFFN', 'Identity')
     """
+    params = dict(locals())  # every argument, as given
+    from lookupc.st_format import convert_sentence_transformer, is_sentence_transformer
+
+    if is_sentence_transformer(model):  # its transformer is converted; pooling etc. kept
+        return convert_sentence_transformer(convert, params.pop("model"),
+                                            params.pop("example_inputs"), **params)
     if init not in _INITS:
         raise LookupcInputError(f"init must be one of {_INITS}, got {init!r}")
     if init == "distill" and calibration is None:
         raise LookupcInputError("init='distill' needs calibration data (calibration=None)")
     _check_config(config)
+    if table_dtype is not None:
+        LookupConfig(table_dtype=table_dtype)  # validates the name before any work
     distill = _distill_fn() if init == "distill" else None  # fail before the work
     analysis = analyze(model, example_inputs)
     skipped = list(analysis.skipped)
@@ -264,8 +275,6 @@ def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
             raise LookupcInputError(f"config names FFNs that were not found: {sorted(unknown)}; "
                                     f"found: {[m.name for m in analysis.matches]}")
     matches, configs = [], {}
-    if table_dtype is not None:
-        LookupConfig(table_dtype=table_dtype)  # validates the name before any work
     for m in analysis.matches:
         cfg = _config_for(config, m, init)
         if cfg is None:
@@ -278,6 +287,9 @@ def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
             continue
         matches.append(m)
         configs[m.name] = cfg
+    # tables are built (and distilled) in float32 and quantised at the end
+    stored = {n: table_dtype or c.table_dtype for n, c in configs.items()}
+    configs = {n: replace(c, table_dtype="float32") for n, c in configs.items()}
     _check_table_budget(matches, configs, max_table_bytes)
     lookups = {m.name: _make_lookup(model, m, configs[m.name]) for m in matches}
     module, replacements, rewrite_skipped = _run_rewrites(model, matches, lookups)
@@ -287,14 +299,17 @@ def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
     order = {m.name: i for i, m in enumerate(matches)}
     replacements.sort(key=lambda r: order[r.name])
     report = ConversionReport(
-    # tables are built (and distilled) in float32 and quantised at the end
-    stored = {n: table_dtype or c.table_dtype for n, c in configs.items()}
-    configs = {n: replace(c, table_dtype="float32") for n, c in configs.items()}
         [_matched(by_name[r.name], r.lookup) for r in replacements], skipped)
     result = ConversionResult(module, report, replacements)
     if distill is not None:
         extra = {} if tokenizer is None else {"tokenizer": tokenizer}
         distill(result, model, calibration, **extra, **(distill_options or {}))
+    if any(d != "float32" for d in stored.values()):
+        from lookupc.table_quant import quantize_lookups
+
+        lookup_names = {id(m): n for n, m in module.named_modules()}
+        quantize_lookups(result, {lookup_names[id(r.lookup)]: stored[r.name]
+                                  for r in replacements if id(r.lookup) in lookup_names})
     if replacements:
         _measure_fidelity(result, model, example_inputs, init, min_fidelity)
     return result
@@ -304,12 +319,6 @@ def _cheaper_than_dense(m: FFNMatch, cfg: LookupConfig, try_cheaper: bool,
                         force: bool) -> tuple[LookupConfig | None, str]:
     """``(cfg, "")`` when a LookupFFN with ``cfg`` costs fewer FLOPs than the dense FFN
     (or ``force``); else a cheaper default, or ``(None, reason)``."""
-    if any(d != "float32" for d in stored.values()):
-        from lookupc.table_quant import quantize_lookups
-
-        lookup_names = {id(m): n for n, m in module.named_modules()}
-        quantize_lookups(result, {lookup_names[id(r.lookup)]: stored[r.name]
-                                  for r in replacements if id(r.lookup) in lookup_names})
     from lookupc.config import cheaper_configs, lookup_flops
 
     dense = m.dense_flops()
