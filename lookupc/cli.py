@@ -20,6 +20,8 @@ import time
 
 import click
 
+from .schedules.registry import schedule_names
+
 __all__ = ["cli", "main"]
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -489,7 +491,7 @@ def _kind_of_outputs(loaded) -> str:
                    "-mcpu=neoverse-n1' (default: this machine).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
               help="Artifact directory to write.")
-@click.option("--schedule", type=click.Choice(["naive", "hand", "cpu", "tuned"]), default="hand",
+@click.option("--schedule", type=click.Choice(schedule_names(aliases=True)), default="hand",
               show_default=True, help="Kernel schedule ('tuned' reads --tuning-db).")
 @click.option("--tuning-db", type=click.Path(file_okay=False), default=None,
               help="MetaSchedule database from 'lookupc tune' (for --schedule tuned).")
@@ -753,10 +755,10 @@ def compare(schedules, configs, tokens, repeats, tables, bits, block_size, tunin
     os.environ.setdefault("TVM_NUM_THREADS", str(threads))
     os.environ.setdefault("TVM_BIND_THREADS", "0")
     names = [s.strip() for s in schedules.split(",") if s.strip()]
-    unknown = sorted(set(names) - {"naive", "hand", "cpu", "tuned"})
+    unknown = sorted(set(names) - set(schedule_names(aliases=True)))
     if unknown:
         raise _usage(f"unknown schedule(s) {', '.join(unknown)} in --schedules; accepted: "
-                     f"naive, hand (= cpu), tuned")
+                     f"{', '.join(schedule_names(aliases=True))} (hand = cpu)")
     bench = _bench()
     import torch
 

@@ -445,8 +445,9 @@ class TvmProvider:
 
 def _register() -> None:
     from .dispatch import register_provider
+    from .schedules.registry import schedule_names
 
-    for name in ("naive", "cpu", "tuned"):
+    for name in schedule_names():
         register_provider(name, lambda name=name: TvmProvider(name))
 
 

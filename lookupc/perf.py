@@ -18,6 +18,7 @@ import torch
 import lookupc
 from lookupc import baselines
 from lookupc import reference as ref
+from lookupc.schedules.registry import schedule_names
 
 __all__ = ["CONFIGS", "SCHEDULES", "TABLE_DTYPES", "cpu_name", "read_bandwidth", "dense_ffn", "run_config",
            "print_table"]
@@ -33,7 +34,7 @@ CONFIGS = {
     "minilm-128x4": (384, 1536, lookupc.LookupConfig(tables=128, bits=4, block_size=32)),
 }
 TABLE_DTYPES = ("float32", "bfloat16", "int8")
-SCHEDULES = ("naive", "cpu", "tuned")
+SCHEDULES = tuple(schedule_names())
 
 
 def cpu_name() -> str:

@@ -19,15 +19,16 @@ from typing import Any
 
 from lookupc.errors import LookupcInputError
 
-__all__ = ["get_schedule", "schedule_names", "source_token"]
+__all__ = ["get_schedule", "schedule_names", "source_token", "ALIASES"]
 
-_ALIASES = {"hand": "cpu"}
+ALIASES = {"hand": "cpu"}
 _NAMES = ("naive", "cpu", "tuned")
 
 
-def schedule_names() -> list[str]:
-    """Names :func:`get_schedule` accepts."""
-    return list(_NAMES)
+def schedule_names(aliases: bool = False) -> list[str]:
+    """Names :func:`get_schedule` accepts (the one list the CLI, dispatch and benchmarks
+    read), with the aliases (``hand``) when ``aliases``."""
+    return list(_NAMES) + (list(ALIASES) if aliases else [])
 
 
 def get_schedule(name: str, target: Any, tuning_db: str | None = None) -> Any:
@@ -43,7 +44,7 @@ def get_schedule(name: str, target: Any, tuning_db: str | None = None) -> Any:
         MetaSchedule work directory (``tuned`` only; default ``$LOOKUPC_TUNING_DB`` or
         ``~/.cache/lookupc/tuning``).
     """
-    name = _ALIASES.get(name, name)
+    name = ALIASES.get(name, name)
     if name == "naive":
         from lookupc.schedules.naive import NaiveSchedule
         sched = NaiveSchedule()
