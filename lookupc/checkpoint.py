@@ -15,6 +15,7 @@ ignored.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 
 from .errors import LookupcInputError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_bytes", "CheckpointError"]
 
 _FORMAT = "lookupc-checkpoint-1"
 
@@ -49,11 +50,23 @@ def save_checkpoint(path: str, fingerprint: dict, state: dict) -> None:
         raise
 
 
-def load_checkpoint(path: str, fingerprint: dict) -> dict:
-    """The state saved at ``path``; :class:`CheckpointError` if it is corrupt or its
-    fingerprint differs from ``fingerprint``."""
+def read_checkpoint_bytes(path: str) -> bytes | None:
+    """The raw bytes of the checkpoint at ``path`` (None when there is no such file), for
+    :func:`load_checkpoint`'s ``raw`` (rank 0 reads, the other processes get the bytes)."""
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def load_checkpoint(path: str, fingerprint: dict, raw: bytes | None = None) -> dict:
+    """The state saved at ``path`` (or held in ``raw``, the bytes of that file);
+    :class:`CheckpointError` if it is corrupt or its fingerprint differs from
+    ``fingerprint``. ``raw`` is read with the same safe loader (no pickled code)."""
+    try:
+        source = io.BytesIO(raw) if raw is not None else path
+        data = torch.load(source, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path}: no such file") from None
     except Exception as exc:  # noqa: BLE001 - truncated, garbage, or not a torch file

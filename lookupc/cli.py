@@ -214,6 +214,27 @@ def _load(model: str, batch: int, seq_len: int, trust_pickle: bool):
         return load_model(model, batch=batch, seq_len=seq_len, trust_pickle=trust_pickle)
 
 
+def _main_process() -> bool:
+    """False on the ranks other than 0 of a ``torchrun`` launch: they take part in the
+    distillation (:mod:`lookupc.distributed`) but print and write nothing."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return True
+    return world <= 1 or os.environ.get("RANK", "0") == "0"
+
+
+def _helper_rank() -> bool:
+    """On a rank other than 0: silence warnings and say so (the caller stops after the
+    conversion)."""
+    if _main_process():
+        return False
+    import warnings
+
+    warnings.simplefilter("ignore")
+    return True
+
+
 class _step:
     """Progress for one long step on stderr: ``what ...`` while it runs (on a terminal),
     ``what: done (1.2 s)`` when it finishes; nothing is left behind when it fails, so an
@@ -221,7 +242,8 @@ class _step:
 
     def __init__(self, what: str):
         self.what = what
-        self.tty = sys.stderr.isatty()
+        self.quiet = not _main_process()
+        self.tty = sys.stderr.isatty() and not self.quiet
 
     def __enter__(self):
         if self.tty:
@@ -232,7 +254,7 @@ class _step:
     def __exit__(self, exc_type, *exc):
         if self.tty:
             click.echo("\r\033[K", err=True, nl=False)
-        if exc_type is None:
+        if exc_type is None and not self.quiet:
             click.echo(f"{self.what}: done ({time.perf_counter() - self.t0:.1f} s)", err=True)
 
 
@@ -451,9 +473,12 @@ def convert(model, output, fmt, batch, seq_len, trust_pickle, tables, bits, bloc
     if fmt == "pt2" and not output.endswith(".pt2"):
         raise _usage(f"-o/--output {output!r} must end in .pt2")
     options = _distill_options(distill_option, init)
+    helper = _helper_rank()
     loaded = _load(model, batch, seq_len, trust_pickle)
     result = _convert(loaded, _config(tables, bits, block_size, init), init, calibration, seed,
                       options)
+    if helper:  # torchrun's other ranks helped distil; rank 0 reports and writes
+        return
     _print_report(result.report)
     from .model_io import export_program, save_program
 
@@ -512,9 +537,12 @@ def compile_(model, target, output, schedule, tuning_db, force, sign_key, batch,
     if schedule == "tuned" and not tuning_db:
         raise _usage("--schedule tuned needs --tuning-db DIR (made by 'lookupc tune')")
     options = _distill_options(distill_option, init)
+    helper = _helper_rank()
     loaded = _load(model, batch, seq_len, trust_pickle)
     result = _convert(loaded, _config(tables, bits, block_size, init), init, calibration, seed,
                       options)
+    if helper:  # torchrun's other ranks helped distil; rank 0 reports, compiles and writes
+        return
     _print_report(result.report)
     from .artifact import compile_artifact
 

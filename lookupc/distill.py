@@ -109,6 +109,11 @@ class DistillOptions:
         Seed of the token split and the minibatch order.
     progress : bool
         Show per-layer progress bars with the loss on stderr (tqdm).
+    distributed : bool
+        Under ``torch.distributed`` (initialised, or started by torchrun): every rank runs
+        the layer fits and takes rank 0's fitted LookupFFN after each layer; whole-model
+        distillation is data parallel (:mod:`lookupc.distributed`); only rank 0 shows
+        progress and writes the checkpoint. False: every process works alone.
     """
 
     max_tokens: int = 32768
@@ -138,6 +143,7 @@ class DistillOptions:
     resume: bool = False
     seed: int = 0
     progress: bool = True
+    distributed: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 2:
@@ -741,14 +747,16 @@ def distill_conversion(result: Any, original_model: nn.Module, calibration: Any,
             run_item(original_model, items[0], 0)
         finally:
             original_model.train(modes[1])
+    from .distributed import setup as setup_distributed
     from .progress import progress as progress_bar
 
+    comm = setup_distributed(opts.distributed)
+    show = opts.progress and (comm is None or comm.rank == 0)
     stats_all = []
     try:
         pre = _capture_original(module, reps, slots, items, opts) if opts.feed == "original" \
             else None
-        bar = progress_bar(total=len(reps), desc="distill", unit="ffn",
-                           disable=not opts.progress)
+        bar = progress_bar(total=len(reps), desc="distill", unit="ffn", disable=not show)
         with bar:
             for i, rep in enumerate(reps):
                 bar.set_description(f"distill {rep.name}")
@@ -762,6 +770,8 @@ def distill_conversion(result: Any, original_model: nn.Module, calibration: Any,
                 tr, va = _split(x.shape[0], opts.holdout, opts.seed + i)
                 stats = fit_lookup_ffn(rep.lookup, x[tr], y[tr], dense=rep.dense, x_val=x[va],
                                        y_val=y[va], options=opts, bar=bar)
+                if comm is not None:  # every rank goes on with rank 0's fit, bit for bit
+                    comm.broadcast_(list(rep.lookup.parameters()))
                 _set_rel_error(result.report.matched[i], stats["rel_error"])
                 stats_all.append({"name": rep.name, **stats})
                 bar.set_postfix_str(f"rel_error {stats['rel_error']:.4f}")
@@ -772,8 +782,9 @@ def distill_conversion(result: Any, original_model: nn.Module, calibration: Any,
                 module, original_model, items, steps=opts.model_steps, lr=opts.model_lr,
                 hash_lr=opts.model_hash_lr, rest_lr=opts.model_rest_lr, train=opts.model_train,
                 cosine_weight=opts.model_cosine_weight, layers=opts.model_layers,
-                seed=opts.seed, progress=opts.progress, checkpoint=opts.checkpoint,
-                checkpoint_every=opts.checkpoint_every, resume=opts.resume)
+                seed=opts.seed, progress=show, checkpoint=opts.checkpoint,
+                checkpoint_every=opts.checkpoint_every, resume=opts.resume,
+                distributed=opts.distributed)
     finally:
         module.train(modes[0])
     return stats_all

@@ -34,6 +34,15 @@ optimizer, schedule, data order, best parameters) is written atomically every
 gives the same result as an uninterrupted run with the same seed. The first Ctrl-C
 stops after the current step (checkpoint written, best parameters kept, the stats say
 ``interrupted``); a second one stops at once, still with the best parameters in place.
+
+Several processes (``torchrun``, or an initialised ``torch.distributed``; see
+:mod:`lookupc.distributed`) train data parallel and reach the one-process result up
+to float rounding: every step's item has its rows split across the ranks, the loss
+terms are ratios of sums whose denominators are summed across ranks, the gradients
+are summed, and held-out checks are split the same way (so every rank keeps the same
+best parameters). Rank 0 alone shows progress and writes the checkpoint; on resume it
+reads the file and sends its bytes to the others, and any number of processes can
+resume any checkpoint.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ import contextlib
 import functools
 import hashlib
 import inspect
+import json
 import math
 import signal
 import threading
@@ -53,7 +63,9 @@ import torch
 from torch import Tensor, nn
 
 from .calibration import run_item, token_mask
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint_bytes, save_checkpoint
+from .distributed import setup as setup_distributed
+from .distributed import shard_item
 from .errors import LookupcInputError
 from .module import LookupFFN
 
@@ -82,9 +94,15 @@ def _masked(t: Tensor, item: Any) -> Tensor:
     return t
 
 
-def _rel(s: Tensor, t: Tensor, item: Any) -> Tensor:
+def _sums(s: Tensor, t: Tensor, item: Any) -> tuple[Tensor, Tensor]:
+    """``sum ||s - t||^2`` and ``sum ||t||^2`` over the real tokens (t: no gradient)."""
     s, t = _masked(s, item).float(), _masked(t, item).detach().float()
-    return (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
+    return (s - t).pow(2).sum(), t.pow(2).sum()
+
+
+def _rel(s: Tensor, t: Tensor, item: Any) -> Tensor:
+    num, den = _sums(s, t, item)
+    return num / den.clamp_min(1e-30)
 
 
 def _pooled(t: Tensor, item: Any) -> Tensor | None:
@@ -113,7 +131,15 @@ def _outputs_only(out: Any) -> list[Tensor]:
 
 
 class _Objective:
-    """The distillation loss of one item (see the module docstring) and its parts."""
+    """The distillation loss of one item (see the module docstring) and its parts.
+
+    Every term is a ratio of sums over the item's rows: ``sum ||s - t||^2 / sum ||t||^2``
+    per tensor, and the pooled cosine as ``sum cos / rows``. The denominators carry no
+    gradient, so with the rows split across processes (:mod:`lookupc.distributed`) the
+    sum over ranks of ``local numerator / global denominator`` has the gradient of the
+    whole item's loss: the denominators (and, for the reported parts, the numerators)
+    are summed across ranks before the ratios are taken.
+    """
 
     def __init__(self, student: nn.Module, cosine_weight: float, layers: bool):
         self.cosine_weight = float(cosine_weight)
@@ -127,27 +153,63 @@ class _Objective:
             return run_item(model, {**item, "output_hidden_states": True}, index)
         return run_item(functools.partial(model, output_hidden_states=True), item, index)
 
-    def __call__(self, s_out: Any, t_out: Any, item: Any) -> tuple[Tensor, dict]:
+    def _pieces(self, s_out: Any, t_out: Any, item: Any) -> tuple[list, list, dict]:
+        """Numerators (with gradient), denominators (without) and which term each is."""
         s_t, t_t = _outputs_only(s_out), _outputs_only(t_out)
         if len(s_t) != len(t_t) or not s_t:
             raise ValueError(f"student and teacher outputs differ in structure ({len(s_t)} vs "
                              f"{len(t_t)} floating tensors)")
-        out = sum(_rel(s, t, item) for s, t in zip(s_t, t_t)) / len(s_t)
-        parts = {"output": float(out.detach())}
-        loss = out
+        nums, dens, layout = [], [], {}
+
+        def add(term: str, num: Tensor, den: Tensor) -> None:
+            layout.setdefault(term, []).append(len(nums))
+            nums.append(num)
+            dens.append(den)
+
+        for s, t in zip(s_t, t_t):
+            add("output", *_sums(s, t, item))
         if self.layers:
             s_h, t_h = _hidden_states(s_out)[1:], _hidden_states(t_out)[1:]
             if s_h and len(s_h) == len(t_h):
-                lay = sum(_rel(s, t, item) for s, t in zip(s_h, t_h)) / len(s_h)
-                parts["layers"] = float(lay.detach())
-                loss = loss + lay
+                for s, t in zip(s_h, t_h):
+                    add("layers", *_sums(s, t, item))
         ps, pt = _pooled(s_t[0], item), _pooled(t_t[0], item)
         if ps is not None and pt is not None:
-            cos = nn.functional.cosine_similarity(ps, pt.detach(), dim=-1).mean()
+            cos = nn.functional.cosine_similarity(ps, pt.detach(), dim=-1)
+            add("cosine", cos.sum(), torch.tensor(float(cos.shape[0]), device=cos.device))
+        return nums, dens, layout
+
+    def _combine(self, nums: list, dens: list, layout: dict) -> tuple[Tensor, dict]:
+        def mean_ratio(term: str) -> Tensor:
+            idx = layout[term]
+            return sum(nums[i] / dens[i].clamp_min(1e-30) for i in idx) / len(idx)
+
+        loss = mean_ratio("output")
+        parts = {"output": float(loss.detach())}
+        if "layers" in layout:
+            lay = mean_ratio("layers")
+            parts["layers"] = float(lay.detach())
+            loss = loss + lay
+        if "cosine" in layout:
+            cos = mean_ratio("cosine")
             parts["cosine"] = float(cos.detach())
             if self.cosine_weight:
                 loss = loss + self.cosine_weight * (1.0 - cos)
         parts["loss"] = float(loss.detach())
+        return loss, parts
+
+    def __call__(self, s_out: Any, t_out: Any, item: Any, comm: Any = None
+                 ) -> tuple[Tensor, dict]:
+        """The loss to back-propagate and the loss parts (of the whole item: with ``comm``
+        summed over the ranks, whose loss shares then add up to the item's loss)."""
+        nums, dens, layout = self._pieces(s_out, t_out, item)
+        if comm is None:
+            return self._combine(nums, dens, layout)
+        sums = torch.stack([n.detach().float() for n in nums] + [d.float() for d in dens])
+        comm.all_reduce_([sums])
+        total_n, total_d = list(sums[:len(nums)]), list(sums[len(nums):])
+        loss, _ = self._combine(nums, total_d, layout)
+        _, parts = self._combine(total_n, total_d, layout)
         return loss, parts
 
 
@@ -172,14 +234,22 @@ def output_error(student: nn.Module, teacher: nn.Module, items: list) -> float:
     return sum(errs) / max(1, len(errs))
 
 
-def _evaluate(objective: _Objective, student, teacher, items: list, targets: list) -> dict:
-    """Mean loss parts over the held-out items (teacher outputs cached in ``targets``)."""
+def _local(item: Any, comm: Any) -> Any:
+    """This process's rows of ``item`` (the whole item in a single process)."""
+    return item if comm is None else shard_item(item, comm.rank, comm.world)
+
+
+def _evaluate(objective: _Objective, student, teacher, items: list, targets: list,
+              comm: Any = None) -> dict:
+    """Mean loss parts over the held-out items (teacher outputs cached in ``targets``;
+    with ``comm`` each item's rows are split across the ranks, the parts summed)."""
     totals: dict[str, float] = {}
     with torch.no_grad():
         for i, item in enumerate(items):
+            item = _local(item, comm)
             if len(targets) <= i:
                 targets.append(objective.run(teacher, item, i))
-            _, parts = objective(objective.run(student, item, i), targets[i], item)
+            _, parts = objective(objective.run(student, item, i), targets[i], item, comm)
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v
     return {k: v / max(1, len(items)) for k, v in totals.items()}
@@ -226,7 +296,7 @@ def finetune_model(student: nn.Module, teacher: nn.Module, items: list, *, steps
                    train: str = "lookup", cosine_weight: float = 0.0, layers: bool = True,
                    evals: int = 5, seed: int = 0, progress: bool = True,
                    checkpoint: str | None = None, checkpoint_every: int = 50,
-                   resume: bool = False,
+                   resume: bool = False, distributed: bool = True,
                    callback: Callable[[int, dict], None] | None = None) -> dict:
     """Train ``student`` to reproduce ``teacher``'s outputs (see the module docstring).
 
@@ -254,6 +324,12 @@ def finetune_model(student: nn.Module, teacher: nn.Module, items: list, *, steps
         Held-out checks during training (the best parameters are kept).
     checkpoint, checkpoint_every, resume :
         Checkpoint file, its period in steps, and whether to continue from it.
+    distributed : bool
+        Data parallel over the processes of ``torch.distributed`` when it is initialised
+        or the process was started by torchrun (see :mod:`lookupc.distributed`): each
+        item's rows are split across the ranks, gradients summed, the result that of one
+        process; rank 0 alone shows progress and writes the checkpoint (any number of
+        processes resumes it). False: every process trains alone.
     callback : callable, optional
         ``callback(step, parts)`` after every step (``parts``: the loss terms).
 
@@ -264,7 +340,8 @@ def finetune_model(student: nn.Module, teacher: nn.Module, items: list, *, steps
         (``after`` of the kept parameters); ``loss_before``/``loss_after``: the held-out
         loss (never higher after); ``cosine_before``/``cosine_after`` when the output is
         poolable; ``best_step`` (0: none improved), ``steps`` (done), ``seconds``,
-        ``held_out_items``, ``history`` (held-out checks), ``interrupted``.
+        ``held_out_items``, ``history`` (held-out checks), ``interrupted``,
+        ``processes``.
     """
     if train not in TRAIN_SCOPES:
         raise LookupcInputError(f"train must be one of {TRAIN_SCOPES}, got {train!r}")
@@ -293,12 +370,20 @@ def finetune_model(student: nn.Module, teacher: nn.Module, items: list, *, steps
     student.eval()
     teacher.eval()
     objective = _Objective(student, cosine_weight, layers)
+    comm = setup_distributed(distributed)
+    main = comm is None or comm.rank == 0
     fingerprint = {
         "params": [[names.get(id(p), "?"), list(p.shape)] for p in params],
         "steps": int(steps), "lr": float(lr), "hash_lr": float(hash_lr),
         "rest_lr": float(rest_lr), "train": train, "cosine_weight": float(cosine_weight),
         "layers": objective.layers, "evals": int(evals), "seed": int(seed),
         "items": len(items), "data": _digest(items)}
+    if comm is not None and not comm.same_everywhere(json.dumps(fingerprint, sort_keys=True)):
+        raise LookupcInputError(
+            "the processes were given different models, options or calibration items: every "
+            "rank needs the same ones (each rank takes its share of every item's rows)")
+    if comm is not None:  # every rank starts from rank 0's model
+        comm.broadcast_([p for p in student.parameters() if p.is_floating_point()])
     t0 = time.perf_counter()
     opt = torch.optim.Adam(groups)
     warm = max(1, steps // 20)
@@ -309,7 +394,13 @@ def finetune_model(student: nn.Module, teacher: nn.Module, items: list, *, steps
     targets: list = []
     state = {"step": 0, "order": [], "history": [], "seconds": 0.0}
     if resume:
-        saved = load_checkpoint(checkpoint, fingerprint)
+        if comm is None:
+            saved = load_checkpoint(checkpoint, fingerprint)
+        else:  # rank 0 reads the file, every rank gets its bytes (no shared disk needed)
+            raw = comm.broadcast_bytes(read_checkpoint_bytes(checkpoint) if main else None)
+            if raw is None:
+                raise CheckpointError(f"checkpoint {checkpoint}: no such file (on rank 0)")
+            saved = load_checkpoint(checkpoint, fingerprint, raw=raw)
         with torch.no_grad():
             for p, v in zip(params, saved["params"]):
                 p.copy_(v)
@@ -321,7 +412,7 @@ def finetune_model(student: nn.Module, teacher: nn.Module, items: list, *, steps
         state.update(step=saved["step"], order=list(saved["order"]), history=saved["history"],
                      seconds=saved["seconds"])
     else:
-        start = _evaluate(objective, student, teacher, held, targets)
+        start = _evaluate(objective, student, teacher, held, targets, comm)
         stats = {"held_out_items": len(held) if len(items) >= 10 else 0,
                  "eval_items": len(held), "before": math.sqrt(start["output"]),
                  "train": train, "layers": objective.layers, "loss_before": start["loss"]}
@@ -330,7 +421,7 @@ def finetune_model(student: nn.Module, teacher: nn.Module, items: list, *, steps
         best = (start["loss"], 0, [p.detach().clone() for p in params])
 
     def save(step: int) -> None:
-        if checkpoint:
+        if checkpoint and main:
             save_checkpoint(checkpoint, fingerprint, {
                 "step": step, "params": [p.detach().clone() for p in params],
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -338,6 +429,8 @@ def finetune_model(student: nn.Module, teacher: nn.Module, items: list, *, steps
                 "best_value": best[0], "best_step": best[1], "best_params": best[2],
                 "stats": stats, "history": state["history"],
                 "seconds": state["seconds"] + time.perf_counter() - t0})
+        if checkpoint and comm is not None:
+            comm.barrier()  # the file is complete before any rank goes on
 
     from .progress import progress as progress_bar
 
@@ -349,24 +442,26 @@ def finetune_model(student: nn.Module, teacher: nn.Module, items: list, *, steps
         for p, _ in frozen:
             p.requires_grad_(False)
         with _Interrupts() as stop, progress_bar(
-                total=steps, desc="distill model", unit="step", disable=not progress,
+                total=steps, desc="distill model", unit="step", disable=not (progress and main),
                 initial=step) as bar:
             while step < steps:
                 if not state["order"]:
                     state["order"] = torch.randperm(len(train_items), generator=gen).tolist()
                 k = state["order"].pop()
-                item = train_items[k]
+                item = _local(train_items[k], comm)
                 with torch.no_grad():
                     target = objective.run(teacher, item, k)
-                loss, parts = objective(objective.run(student, item, k), target, item)
+                loss, parts = objective(objective.run(student, item, k), target, item, comm)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if comm is not None:  # gradient of the whole item; stop when any rank asks
+                    stop_seen = comm.sum_grads_(params, [float(stop.requested)])[0] > 0
                 nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 sched.step()
                 step += 1
                 if step % check_every == 0 or step == steps:
-                    res = _evaluate(objective, student, teacher, held, targets)
+                    res = _evaluate(objective, student, teacher, held, targets, comm)
                     state["history"].append({"step": step, **res})
                     if res["loss"] < best[0]:
                         best = (res["loss"], step, [p.detach().clone() for p in params])
@@ -376,14 +471,18 @@ def finetune_model(student: nn.Module, teacher: nn.Module, items: list, *, steps
                 bar.update(1)
                 if callback is not None:
                     callback(step, parts)
-                if step % every == 0 or step == steps or stop.requested:
+                # one process: a request up to now; several: one all ranks saw (same step)
+                stop_now = stop.requested if comm is None else stop_seen
+                if step % every == 0 or step == steps or stop_now:
                     save(step)
-                if stop.requested:
+                if stop_now:
                     interrupted = step < steps
                     break
         with torch.no_grad():
             for p, b in zip(params, best[2]):
                 p.copy_(b)
+        if comm is not None:  # every rank ends with rank 0's parameters, bit for bit
+            comm.broadcast_(params)
     except KeyboardInterrupt:
         with torch.no_grad(), contextlib.suppress(Exception):
             for p, b in zip(params, best[2]):
@@ -396,8 +495,9 @@ def finetune_model(student: nn.Module, teacher: nn.Module, items: list, *, steps
             p.grad = None
         student.train(modes[0])
         teacher.train(modes[1])
-    final = _evaluate(objective, student, teacher, held, targets)
+    final = _evaluate(objective, student, teacher, held, targets, comm)
     stats.update(after=math.sqrt(final["output"]), best_step=best[1], steps=step,
+                 processes=1 if comm is None else comm.world,
                  seconds=state["seconds"] + time.perf_counter() - t0,
                  history=state["history"], interrupted=interrupted, loss_after=final["loss"])
     if "cosine" in final:

@@ -126,6 +126,8 @@ class ConversionReport:
             cos = (f", pooled cosine {e['cosine_before']:.4f} -> {e['cosine_after']:.4f}"
                    if "cosine_after" in e else "")
             stop = " (interrupted; resume from the checkpoint)" if e.get("interrupted") else ""
+            procs = e.get("processes", 1)
+            stop += f", data parallel on {procs} processes" if procs > 1 else ""
             lines.append(f"whole-model distillation ({e['steps']} steps{stop}): output rel. "
                          f"error {e['before']:.4f} -> {e['after']:.4f}{cos} on {where}")
         if self.fidelity is not None:
