@@ -378,10 +378,20 @@ def main(argv=None) -> list[dict]:
                 model_train=a.model_train, progress=not a.no_progress)
     rows = []
 
+    from lookupc.perf import cpu_name
+
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+
+    def write_json():  # after every row: an hour-long run stopped early keeps what it measured
+        with open(a.out + ".json", "w") as f:
+            json.dump({"args": vars(a), "cpu": cpu_name(), "calib_batches": len(calib),
+                       "seq_len": seq_len, "rows": rows}, f, indent=1)
+
     def add(row):
         rows.append(row)
         print(f"{row['name']}: cosine {row['cosine']:.4f} top1 {row['top1_agreement']:.3f} "
               f"model FLOPs /{row['model_flops_ratio']:.2f} ({row['seconds']:.0f} s)", flush=True)
+        write_json()
 
     if not a.no_int8:
         add(int8_row(ctx))
@@ -394,12 +404,7 @@ def main(argv=None) -> list[dict]:
         for drop in a.drop_baseline:
             add(dropped_layers_row(ctx, drop, a.model_steps, not a.no_progress))
     print_table(rows)
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    from lookupc.perf import cpu_name
-
-    with open(a.out + ".json", "w") as f:
-        json.dump({"args": vars(a), "cpu": cpu_name(), "calib_batches": len(calib),
-                   "seq_len": seq_len, "rows": rows}, f, indent=1)
+    write_json()
     plot(rows, a.out + ".png")
     print(f"wrote {a.out}.json and {a.out}.png", file=sys.stderr)
     return rows
