@@ -663,20 +663,39 @@ def run(artifact, input_path, output, texts, text_file, batch_size, fmt, normali
               show_default=True, help="MetaSchedule cost model.")
 @click.option("--verbose", is_flag=True,
               help="Show MetaSchedule's logs on the console (always in DB/logs/*.log).")
+@click.option("--rpc", "rpc", default=None, metavar="HOST:PORT",
+              help="Measure on a remote board through this TVM RPC tracker (compile here "
+                   "for --target, the board's); needs --key.")
+@click.option("--key", "rpc_key", default=None,
+              help="Key the board's 'python -m tvm.exec.rpc_server' registered with.")
+@click.option("--rpc-timeout", type=click.FloatRange(min=0.1), default=10.0,
+              show_default=True, help="Seconds the tracker has to answer before tuning.")
 @_model_options
 @_lookup_options
-def tune(model, preset, target, db_dir, trials, cost_model, verbose, batch, seq_len,
-         trust_pickle, tables, bits, block_size):
+def tune(model, preset, target, db_dir, trials, cost_model, verbose, rpc, rpc_key,
+         rpc_timeout, batch, seq_len, trust_pickle, tables, bits, block_size):
     """Tune the hash and gather kernels for MODEL's LookupFFN shapes into a persistent
     MetaSchedule database. Resumable: an interrupted run keeps every finished record,
     and kernels that already have --trials records are skipped. Use the result with
-    'lookupc compile ... --schedule tuned --tuning-db DIR'."""
+    'lookupc compile ... --schedule tuned --tuning-db DIR'.
+
+    With --rpc HOST:PORT --key KEY the candidates are compiled here and measured on the
+    board registered under KEY with that TVM RPC tracker; give the board's --target."""
     from .targets import can_execute, parse_target
 
+    if (rpc is None) != (rpc_key is None):
+        raise _usage("--rpc HOST:PORT and --key KEY go together (the tracker and the key "
+                     "of the board to measure on)")
     spec = parse_target(target)
-    ok, why = can_execute(spec)
-    if not ok:
-        raise _usage(f"cannot tune for {spec} here: tuning measures the kernels, and {why}")
+    if rpc is None:
+        ok, why = can_execute(spec)
+        if not ok:
+            raise _usage(f"cannot tune for {spec} here: tuning measures the kernels, and "
+                         f"{why}; measure on the board with --rpc HOST:PORT --key KEY")
+    else:  # fail fast, before loading and converting the model
+        from .schedules.tuned import check_tracker, parse_rpc
+
+        check_tracker(parse_rpc(rpc, rpc_key), rpc_timeout)
     shapes = _shapes_to_tune(model, preset, batch, seq_len, trust_pickle, tables, bits,
                              block_size)
     from . import kernels
@@ -691,7 +710,7 @@ def tune(model, preset, target, db_dir, trials, cost_model, verbose, batch, seq_
 
     try:
         kernels.tune(shapes, spec.to_tvm(), db_dir, trials, cost_model=cost_model, log=log,
-                     verbose=verbose)
+                     verbose=verbose, rpc=rpc, rpc_key=rpc_key, rpc_timeout=rpc_timeout)
     except KeyboardInterrupt:
         bar.close()
         raise click.ClickException(f"interrupted: every finished chunk of trials is kept in "

@@ -377,6 +377,11 @@ def tune(shapes_list, target: Any, db_dir: str, trials: int, **kwargs) -> str:
 
     Resumable: records already in the database are kept and their knob settings are not
     measured again; progress is printed. See ``schedules/tuned.py``. Returns ``db_dir``.
+
+    ``rpc="HOST:PORT", rpc_key="KEY"`` measure on a remote board through a TVM RPC tracker
+    (``target`` is the board's); a tracker that does not answer within ``rpc_timeout``
+    seconds (default 10) or has no server under the key raises
+    :class:`~lookupc.errors.LookupcError` before any tuning.
     """
     from . import tvm_shim
     from .schedules.tuned import tune as _tune

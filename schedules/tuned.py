@@ -26,6 +26,14 @@ Database
 Workers: MetaSchedule builds and runs candidates in subprocesses; the builder skips the
 slow default ``tvm.s_tir.tensor_intrin`` import, and the runner fills int32 inputs with
 valid codes (see ``../shared/notes/tvm`` recipe 04).
+
+Remote measurement (``rpc="HOST:PORT", rpc_key=KEY``): candidates are compiled here for
+``target`` (the board's) and measured on a board registered with a TVM RPC tracker under
+KEY (MetaSchedule ``RPCRunner``). The tracker is asked for its summary, with a short
+timeout, before any tuning starts: one that does not answer, or has no server under KEY,
+is a :class:`~lookupc.errors.LookupcError` naming both. The modules travel as ``.tar``
+(linked on the board by its ``tvm.exec.rpc_server``, which needs a C compiler there); the
+int32 inputs are filled with valid codes here and copied to the board.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 from lookupc import tir_kernels, tvm_shim
 from lookupc.schedules.cpu import (
@@ -52,7 +60,8 @@ NAME = "tuned"
 TUNE_TOKENS = 1024
 _DECAY = 0.7
 
-__all__ = ["TunedSchedule", "tune", "default_db_dir", "TUNE_TOKENS"]
+__all__ = ["TunedSchedule", "tune", "default_db_dir", "TUNE_TOKENS", "RemoteDevice",
+           "parse_rpc", "check_tracker"]
 
 
 def default_db_dir() -> str:
@@ -169,19 +178,117 @@ def _make_alloc(max_code: int):
     return alloc
 
 
-def _builder_runner(max_code: int):
+def _make_rpc_alloc(max_code: int):
+    """``f_alloc_argument`` for ``RPCRunner``: the same valid codes, copied to the board.
+    (Called in the runner worker here with the session's remote ``device``.)"""
+    alloc = _make_alloc(max_code)
+
+    def rpc_alloc(_session, device, args_info, alloc_repeat):
+        return alloc(device, args_info, alloc_repeat)
+
+    return rpc_alloc
+
+
+#: seconds one remote measurement (session: upload, link, run) may take
+RPC_SESSION_TIMEOUT = 120
+
+
+def _evaluator() -> Any:
+    return _ms().runner.EvaluatorConfig(number=1, repeat=3, min_repeat_ms=0,
+                                        enable_cpu_cache_flush=False)
+
+
+def _builder_runner(max_code: int, remote: RemoteDevice | None = None):
     import cloudpickle
 
     ms = _ms()
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers can't import us
     builder = ms.builder.LocalBuilder(f_build=_fast_build, max_workers=os.cpu_count(),
                                       timeout_sec=300)
-    runner = ms.runner.LocalRunner(
-        timeout_sec=120,
-        evaluator_config=ms.runner.EvaluatorConfig(number=1, repeat=3, min_repeat_ms=0,
-                                                   enable_cpu_cache_flush=False),
-        f_alloc_argument=_make_alloc(max_code))
+    if remote is not None:
+        runner = ms.runner.RPCRunner(
+            rpc_config=ms.runner.RPCConfig(tracker_host=remote.host, tracker_port=remote.port,
+                                           tracker_key=remote.key,
+                                           session_timeout_sec=RPC_SESSION_TIMEOUT),
+            evaluator_config=_evaluator(), f_alloc_argument=_make_rpc_alloc(max_code),
+            max_workers=1)
+        return builder, runner
+    runner = ms.runner.LocalRunner(timeout_sec=120, evaluator_config=_evaluator(),
+                                   f_alloc_argument=_make_alloc(max_code))
     return builder, runner
+
+
+# ----------------------------------------------------------------------------- rpc
+class RemoteDevice(NamedTuple):
+    """A board behind a TVM RPC tracker: ``host:port`` of the tracker, the board's key."""
+
+    host: str
+    port: int
+    key: str
+
+    def __str__(self) -> str:
+        return f"key {self.key!r} at the RPC tracker {self.host}:{self.port}"
+
+
+def parse_rpc(address: str, key: str | None) -> RemoteDevice:
+    """``"HOST:PORT"`` and a key -> :class:`RemoteDevice` (``LookupcInputError`` if bad)."""
+    from lookupc.errors import LookupcInputError
+
+    if not address:
+        raise LookupcInputError(f"rpc key {key!r} given without the tracker's HOST:PORT")
+    host, sep, port = str(address).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise LookupcInputError(f"rpc address {address!r}: expected HOST:PORT of a TVM RPC "
+                                f"tracker, e.g. 127.0.0.1:9190")
+    if not key:
+        raise LookupcInputError(f"rpc tracker {address}: give the key its board registered "
+                                f"with (rpc_server --key KEY)")
+    return RemoteDevice(host.strip("[]"), int(port), str(key))
+
+
+def check_tracker(remote: RemoteDevice, timeout: float = 10.0) -> dict:
+    """Ask the tracker for its summary within ``timeout`` seconds; raise
+    :class:`~lookupc.errors.LookupcError` naming ``host:port`` and the key when it does not
+    answer, is not a tracker, or has no server registered under the key.
+
+    Returns ``{"servers": n, "free": m}`` for the key. (TVM's own client retries a refused
+    connection for a minute and waits forever on a silent one.)"""
+    import socket
+    import struct
+
+    from tvm.rpc import base
+
+    from lookupc.errors import LookupcError
+
+    where = f"the RPC tracker {remote.host}:{remote.port} (key {remote.key!r})"
+    hint = (f"; check it with: python -m tvm.exec.query_rpc_tracker --host {remote.host} "
+            f"--port {remote.port}")
+    try:
+        with socket.create_connection((remote.host, remote.port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+            magic = struct.unpack("<i", base.recvall(sock, 4))[0]
+            if magic != base.RPC_TRACKER_MAGIC:
+                raise LookupcError(f"{where} is not a TVM RPC tracker (wrong handshake)")
+            base.sendjson(sock, [base.TrackerCode.SUMMARY])
+            reply = base.recvjson(sock)
+    except TimeoutError:
+        raise LookupcError(f"{where} did not answer within {timeout:g} s{hint}") from None
+    except (OSError, ValueError, struct.error) as err:
+        raise LookupcError(f"cannot reach {where}: {err}{hint}") from None
+    if not (isinstance(reply, list) and reply and reply[0] == base.TrackerCode.SUCCESS):
+        raise LookupcError(f"{where} gave an unexpected summary reply {reply!r}")
+    summary = reply[1]
+    keys = [str(item.get("key", "")).partition(":")[2] for item in summary.get("server_info", [])]
+    servers = keys.count(remote.key)
+    if servers == 0:
+        present = ", ".join(sorted(set(k for k in keys if k))) or "none"
+        raise LookupcError(f"{where} has no server registered under key {remote.key!r} "
+                           f"(keys there: {present}); start one on the board with: python -m "
+                           f"tvm.exec.rpc_server --tracker {remote.host}:{remote.port} "
+                           f"--key {remote.key}")
+    free = summary.get("queue_info", {}).get(remote.key, {}).get("free", servers)
+    return {"servers": servers, "free": int(free)}
 
 
 # ----------------------------------------------------------------------------- database
@@ -264,7 +371,8 @@ class _DropLevelHint:
 
 def tune(shapes_list: list, target: Any, db_dir: str, trials: int,
          cost_model: str = "xgb", kinds=("hash", "gather"), log=print,
-         verbose: bool = False) -> str:
+         verbose: bool = False, rpc: str | None = None, rpc_key: str | None = None,
+         rpc_timeout: float = 10.0) -> str:
     """Tune every kernel of ``shapes_list`` for ``target`` into ``db_dir`` (resumable).
 
     Parameters
@@ -282,6 +390,11 @@ def tune(shapes_list: list, target: Any, db_dir: str, trials: int,
         Receives progress lines (one per chunk of ``CHUNK`` measured trials).
     verbose : bool
         Show MetaSchedule's logs on the console (they always go to ``db_dir/logs/*.log``).
+    rpc, rpc_key : str, optional
+        ``"HOST:PORT"`` of a TVM RPC tracker and the key of the board to measure on
+        (``target`` is then the board's). The tracker must answer within ``rpc_timeout``
+        seconds and list a server under ``rpc_key`` before tuning starts, else
+        :class:`~lookupc.errors.LookupcError`.
 
     Interrupting loses at most the ``CHUNK`` trials in flight: every finished chunk is in
     the database, and a rerun continues from it.
@@ -294,6 +407,12 @@ def tune(shapes_list: list, target: Any, db_dir: str, trials: int,
         from lookupc.extras import require
 
         require("xgboost", "tuning with the XGBoost cost model (or pass cost_model='random')")
+    remote = None
+    if rpc is not None or rpc_key is not None:
+        remote = parse_rpc(rpc or "", rpc_key)
+        state = check_tracker(remote, rpc_timeout)
+        log(f"measuring on {state['servers']} server(s) with {remote} "
+            f"({state['free']} free now)")
     ms = _ms()
     os.makedirs(db_dir, exist_ok=True)
     lanes = tvm_shim.vector_lanes(target)
@@ -301,7 +420,7 @@ def tune(shapes_list: list, target: Any, db_dir: str, trials: int,
     with _StopOnInterrupt(log) as stop:
         for number, (kind, shapes) in enumerate(jobs, 1):
             _tune_one(ms, number, len(jobs), kind, shapes, target, db_dir, trials, lanes,
-                      cost_model, log, verbose, stop)
+                      cost_model, log, verbose, stop, remote)
     return db_dir
 
 
@@ -342,7 +461,7 @@ class _StopOnInterrupt:
 
 
 def _tune_one(ms, number, njobs, kind, shapes, target, db_dir, trials, lanes, cost_model,
-              log, verbose, stop) -> None:
+              log, verbose, stop, remote=None) -> None:
     """Tune one kernel in chunks (see :func:`tune`)."""
     workload = _workload(kind, shapes)
     db = _open_db(db_dir, create=True)
@@ -359,7 +478,7 @@ def _tune_one(ms, number, njobs, kind, shapes, target, db_dir, trials, lanes, co
     log(f"{label}: tuning {todo} trials ({done} already recorded)...")
     start = time.time()
     space = _hash_space(shapes, lanes) if kind == "hash" else _gather_space(shapes, lanes)
-    builder, runner = _builder_runner(1 << shapes.bits)
+    builder, runner = _builder_runner(1 << shapes.bits, remote)
     measured = 0
     with tempfile_dir(db_dir) as scratch, _quiet_tvm_logs(scratch, verbose):
         # Phase: chunks of CHUNK trials. Each chunk's records are committed to the JSON
