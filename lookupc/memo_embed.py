@@ -1,135 +1,204 @@
 """Hidden-state embedding for attention memoization (AttMemo, section 5.2).
 
-A layer's input hidden state (``L x H``) is mapped to a short vector (default
-128-d) so that the Euclidean distance between two embeddings predicts how
-different the two attention probability matrices (APMs) are. The target is the
-paper's total-variation distance (eq. 1): ``d(A, A') = 1 - SC(A, A')``, the mean
-over heads and query rows of half the L1 distance between rows. An embedding
-distance of ``d`` therefore reads directly as a *predicted similarity score*
-``1 - d``, and the memoization threshold is a similarity score (see
-``lookupc.memo_perf``).
+A layer's input hidden state (``n x H`` for a sequence of ``n`` real tokens) is
+mapped to a search key so that key distance predicts how different two attention
+probability matrices (APMs) are. The target is the paper's eq. 1 distance
+``d(A, A') = 1 - SC(A, A')``: the mean over heads and query rows of the rows' total
+variation distance.
 
-Model: a token-wise projection ``H -> r`` (shared over positions; the top-r
-principal directions of the layer's token states, whitened, fitted once and frozen),
-flattened to ``L * r`` and fed to a two-layer MLP (``width`` hidden units, GELU)
-that outputs ``dim`` values and is trained. Compared with the paper's MLP on the
-flattened ``L * H`` state, the token-wise projection keeps positional structure
-(APM rows are per position) while cutting the embedding cost ~10x (MiniLM, L=128,
-r=32: 2.6 M multiply-adds versus the 44 M a hit saves), which matters because
-embedding is the dominant overhead (paper table 4); freezing it makes training
-fast (the projected data is computed once). The input length is fixed, so there is one embedder per
-(layer, sequence-length bucket).
+Model (per layer and length bucket): a learned per-token linear map ``H -> r``
+(``token_dim``), the same at every position, applied to the first ``n`` positions and
+flattened, so a key has ``n * r`` values. The predicted distance of two keys is a
+saturating function of their *squared* Euclidean distance ``q``::
 
-Training is siamese: both members of a pair go through the same network and the
-loss is ``(||e_i - e_j|| - d(A_i, A_j))^2`` averaged over pairs, so no labels are
-needed. Pairs are half random and half "near" pairs (nearest neighbours under a
-random projection of the raw hidden states), so that the low-distance regime the
-threshold cares about is represented.
+    predicted distance = phi(q) = c * (1 - exp(-q / c))       (c learned)
+    predicted similarity = 1 - phi(q)
+
+Why this shape: a near-duplicate input (a few tokens replaced) changes the APM by an
+amount roughly proportional to the number of replaced tokens; a per-token map makes
+``q`` a sum over positions, so it grows linearly with the number of changed tokens,
+where a plain Euclidean distance grows with its square root (the old flattened-MLP
+embedder overstated near distances about 3x relative to far ones); ``phi`` saturates
+for unrelated inputs. With a few hundred sequences a per-token map also generalises,
+where an MLP on the flattened state memorised its training pairs. The map is trained
+on top of a frozen PCA basis of the layer's token states (``pca_dim``), which makes a
+training step cheap; the two are folded into one ``H x r`` matrix for inference, so
+embedding a sequence costs ``n * H * r`` multiply-adds (MiniLM at 128 tokens: 0.8 M,
+about 1% of what a hit saves).
+
+Training is siamese (paper figure 6) on pairs whose target is the eq. 1 distance of
+their APMs, estimated on ``target_rows`` query rows (:func:`sketch_rows`). Pairs mix
+near pairs (token-edited copies of database sequences with their origin and with each
+other), copies against other records, and record pairs (random and nearest under a
+random projection), always between sequences of the same real length. Held-out copies
+give the validation loss; training runs until that loss stops improving (``patience``
+checks), the step limit or the time budget, and keeps the best weights.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
+from lookupc.errors import LookupcInputError
+
 __all__ = [
     "EmbedConfig",
     "HiddenStateEmbedder",
+    "PairSet",
     "TrainReport",
     "apm_distance",
+    "apm_sketch",
+    "build_pairs",
     "pair_distances",
-    "sample_pairs",
+    "sketch_rows",
     "train_embedder",
 ]
 
 
 @dataclass(frozen=True)
 class EmbedConfig:
-    """Shape and training options of one embedder.
+    """Embedder shape, training data and training budget of one (layer, length) bucket.
 
     Parameters
     ----------
-    dim : int
-        Output (search key) width.
     token_dim : int
-        Width of the per-token projection ``H -> token_dim``.
-    width : int
-        Hidden units of the MLP.
+        ``r``: features per token; a key of an ``n``-token sequence has ``n * r`` values.
+    pca_dim : int
+        Width of the frozen PCA basis the learned map starts from (capped at the hidden size).
     steps : int
-        Adam steps of siamese training.
-    pairs : int
-        Number of (i, j) training pairs sampled per layer and bucket.
+        Upper limit on Adam steps (training usually stops earlier, see ``patience``).
+    max_seconds : float or None
+        Training time budget per bucket; ``None``: no limit.
+    patience : int
+        Stop after this many validation checks without a 0.5% improvement.
+    check_every : int
+        Steps between validation checks.
     batch_pairs : int
-        Pairs per optimisation step.
+        Pairs per step.
     lr : float
-        Adam learning rate.
+        Adam learning rate (cosine-decayed over ``steps``).
     target_rows : int
-        Query rows sampled for the pair targets (all rows if >= L).
+        Query rows per APM used for the pair targets (all rows of shorter sequences).
+    edit_rates : tuple of float
+        Token-replacement fractions of the edited copies of database sequences made at build
+        time (near pairs for training, calibration and the default alpha estimate); ``()``:
+        no copies (then only record pairs are used and nothing is calibrated on near pairs).
+    copies_per_rate : int
+        Edited copies per database sequence and rate.
+    max_copies : int
+        Cap on edited copies per length bucket (a deterministic subset of sequences is copied).
+    val_fraction, calib_fraction : float
+        Shares of the edited copies held out for the validation loss and for fitting the
+        similarity calibration (the rest trains the embedder).
     seed : int
-        Seed for pair sampling and initialisation.
+        Seed for copies, pair sampling and initialisation.
+    threads : int or None
+        torch threads while training (restored afterwards): the steps are small matmuls, and
+        on a loaded machine two OpenMP threads spinning at barriers made them 30x slower than
+        one. ``None``: leave torch's setting.
     """
 
-    dim: int = 128
-    token_dim: int = 32
-    width: int = 256
-    steps: int = 300
-    pairs: int = 4096
+    token_dim: int = 16
+    pca_dim: int = 96
+    steps: int = 1500
+    max_seconds: float | None = None
+    patience: int = 6
+    check_every: int = 25
     batch_pairs: int = 512
-    lr: float = 2e-3
+    lr: float = 3e-3
     target_rows: int = 32
+    edit_rates: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2)
+    copies_per_rate: int = 1
+    max_copies: int = 1024
+    val_fraction: float = 0.2
+    calib_fraction: float = 0.2
     seed: int = 0
+    threads: int | None = 1
 
     def __post_init__(self) -> None:
-        for name in ("dim", "token_dim", "width", "steps", "pairs", "batch_pairs", "target_rows"):
+        for name in ("token_dim", "pca_dim", "steps", "patience", "check_every", "batch_pairs", "target_rows",
+                     "copies_per_rate", "max_copies"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"EmbedConfig.{name} must be a positive int, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise LookupcInputError(f"EmbedConfig.{name} must be a positive int, got {value!r}")
         if not self.lr > 0:
-            raise ValueError(f"EmbedConfig.lr must be > 0, got {self.lr!r}")
+            raise LookupcInputError(f"EmbedConfig.lr must be > 0, got {self.lr!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise LookupcInputError(f"EmbedConfig.threads must be a positive int or None, got {self.threads!r}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise LookupcInputError(f"EmbedConfig.max_seconds must be > 0 or None, got {self.max_seconds!r}")
+        object.__setattr__(self, "edit_rates", tuple(float(r) for r in self.edit_rates))
+        if any(not 0 < r < 1 for r in self.edit_rates):
+            raise LookupcInputError(f"EmbedConfig.edit_rates must lie in (0, 1), got {self.edit_rates!r}")
+        if not (0 < self.val_fraction < 1 and 0 <= self.calib_fraction < 1
+                and self.val_fraction + self.calib_fraction < 1):
+            raise LookupcInputError("EmbedConfig.val_fraction in (0, 1) and calib_fraction in [0, 1) must "
+                                    f"sum to < 1, got {self.val_fraction!r} + {self.calib_fraction!r}")
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["edit_rates"] = list(self.edit_rates)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EmbedConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: (tuple(v) if k == "edit_rates" else v) for k, v in d.items() if k in known})
 
 
 class HiddenStateEmbedder(nn.Module):
-    """Map hidden states ``[B, L, H]`` to search keys ``[B, dim]``.
+    """Map hidden states ``[B, n, H]`` (``n <= seq_len`` real tokens) to keys ``[B, n * token_dim]``.
+
+    Holds the folded token map (``weight [H, r]``, ``bias [r]``) and ``log_c`` of the
+    saturation ``phi``. ``similarity(q)`` turns squared key distances into predicted
+    similarities.
 
     Examples
     --------
-    >>> emb = HiddenStateEmbedder(seq_len=8, hidden=16, config=EmbedConfig(dim=4))
+    >>> emb = HiddenStateEmbedder(seq_len=8, hidden=16, config=EmbedConfig(token_dim=4))
     >>> emb(torch.zeros(2, 8, 16)).shape
-    torch.Size([2, 4])
+    torch.Size([2, 32])
     """
 
     def __init__(self, seq_len: int, hidden: int, config: EmbedConfig = EmbedConfig()):
         super().__init__()
-        self.seq_len = seq_len
-        self.hidden = hidden
-        self.token_proj = nn.Linear(hidden, config.token_dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(seq_len * config.token_dim, config.width),
-            nn.GELU(),
-            nn.Linear(config.width, config.dim),
-        )
+        self.seq_len = int(seq_len)
+        self.hidden = int(hidden)
+        self.token_dim = int(config.token_dim)
+        self.register_buffer("weight", torch.zeros(hidden, config.token_dim))
+        self.register_buffer("bias", torch.zeros(config.token_dim))
+        self.register_buffer("log_c", torch.zeros(()))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if hidden_states.shape[-2:] != (self.seq_len, self.hidden):
-            raise ValueError(
-                f"hidden_states must be [B, {self.seq_len}, {self.hidden}], got {tuple(hidden_states.shape)}")
-        return self.mlp(self.token_proj(hidden_states).flatten(1))
+        n = hidden_states.shape[-2]
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden or not 1 <= n <= self.seq_len:
+            raise LookupcInputError(f"hidden_states must be [B, n <= {self.seq_len}, {self.hidden}], "
+                                    f"got {tuple(hidden_states.shape)}")
+        return torch.addmm(self.bias, hidden_states.reshape(-1, self.hidden), self.weight).reshape(
+            hidden_states.shape[0], n * self.token_dim)
 
-    def flops_per_sequence(self) -> int:
-        """Multiply-adds x 2 of one forward call for one sequence."""
-        macs = self.seq_len * self.token_proj.in_features * self.token_proj.out_features
-        macs += sum(m.in_features * m.out_features for m in self.mlp if isinstance(m, nn.Linear))
-        return 2 * macs
+    def similarity(self, sq_dist):
+        """Predicted similarity ``1 - phi(q)`` of squared key distances ``q`` (numpy or torch)."""
+        c = float(torch.exp(self.log_c))
+        if isinstance(sq_dist, torch.Tensor):
+            return 1.0 - c * (1.0 - torch.exp(-sq_dist.clamp_min(0) / c))
+        return 1.0 - c * (1.0 - np.exp(-np.maximum(np.asarray(sq_dist, np.float64), 0.0) / c))
+
+    def flops_per_sequence(self, n: int | None = None) -> int:
+        """Multiply-adds x 2 of embedding one sequence of ``n`` (default ``seq_len``) tokens."""
+        return 2 * (n or self.seq_len) * self.hidden * self.token_dim
 
 
 @dataclass
 class TrainReport:
-    """What siamese training did: time, loss before/after (train and held-out pairs)."""
+    """What siamese training did: time, steps, why it stopped, loss before/after (train and held-out)."""
 
     seconds: float
     initial_loss: float
@@ -137,15 +206,28 @@ class TrainReport:
     initial_val_loss: float
     final_val_loss: float
     n_pairs: int
+    n_val_pairs: int
     steps: int
-    best_step: int = 0
-    losses: list[float] = field(default_factory=list)
+    best_step: int
+    stopped: str
+    val_curve: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def val_reduction(self) -> float:
+        """``1 - final / initial`` held-out loss (0.6 = 60% lower)."""
+        if not self.initial_val_loss > 0 or math.isnan(self.final_val_loss):
+            return float("nan")
+        return 1.0 - self.final_val_loss / self.initial_val_loss
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
-        d["losses"] = [round(x, 6) for x in self.losses[:: max(1, len(self.losses) // 20)]]
+        d["val_reduction"] = self.val_reduction
+        curve = self.val_curve
+        d["val_curve"] = [[int(s), round(v, 8)] for s, v in curve[:: max(1, len(curve) // 20)]]
         return d
 
+
+# ----------------------------------------------------------------------------- targets
 
 def apm_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Paper eq. 1 distance ``1 - SC``: mean over heads and rows of the rows' TV distance.
@@ -163,165 +245,331 @@ def apm_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 0.5 * (a.float() - b.float()).abs().sum(-1).mean((-1, -2))
 
 
-def pair_distances(apms: np.ndarray, pairs: np.ndarray, chunk: int = 64) -> np.ndarray:
-    """``apm_distance`` for each row ``(i, j)`` of ``pairs``, reading ``apms`` (e.g. a memmap) in chunks."""
-    out = np.empty(len(pairs), dtype=np.float32)
-    for s in range(0, len(pairs), chunk):
-        p = pairs[s:s + chunk]
-        a = torch.from_numpy(np.asarray(apms[p[:, 0]]))
-        b = torch.from_numpy(np.asarray(apms[p[:, 1]]))
-        out[s:s + chunk] = apm_distance(a, b).numpy()
+def sketch_rows(n: int, rows: int) -> np.ndarray:
+    """The query rows of an ``n``-token APM that the pair targets use: all of them if
+    ``n <= rows``, else ``rows`` of them (a fixed random subset per ``n``, so two sequences of
+    the same length are compared on the same rows)."""
+    if n <= rows:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(n).choice(n, rows, replace=False))
+
+
+def apm_sketch(apm: torch.Tensor, lengths, rows: int, width: int) -> torch.Tensor:
+    """``[B, heads, rows, width]``: the :func:`sketch_rows` of each APM ``[B, heads, L, L]``,
+    keys cut or zero-padded to ``width``; rows past a short sequence's length are zero."""
+    b, heads = apm.shape[0], apm.shape[1]
+    out = torch.zeros(b, heads, rows, width, dtype=torch.float32)
+    lengths = [int(n) for n in lengths]
+    cols = min(width, apm.shape[-1])
+    if len(set(lengths)) == 1:
+        r = torch.from_numpy(sketch_rows(lengths[0], rows))
+        out[:, :, :len(r), :cols] = apm[:, :, r, :cols].float()
+        return out
+    for i, n in enumerate(lengths):
+        r = torch.from_numpy(sketch_rows(n, rows))
+        out[i, :, :len(r), :cols] = apm[i, :, r, :cols].float()
     return out
 
 
-def sample_pairs(hidden: np.ndarray, n_pairs: int, seed: int, near: int = 4) -> np.ndarray:
-    """Half random pairs, half nearest-neighbour pairs under a random projection of ``hidden``.
+def pair_distances(sketches: np.ndarray, pairs: np.ndarray, lengths: np.ndarray | None = None,
+                   chunk: int = 64) -> np.ndarray:
+    """Eq. 1 distance of each pair ``(i, j)`` of equal-length sequences from their APM sketches.
 
-    Returns an ``[P, 2]`` int64 array of distinct ``i != j`` pairs (unordered, no duplicates).
+    ``sketches`` is ``[N, heads, rows, width]`` (e.g. a memmap; also full APMs ``[N, heads, L, L]``
+    work, with ``lengths`` omitted); rows past a sequence's length are zero and are left out
+    of the mean.
     """
-    n = hidden.shape[0]
-    if n < 2:
-        raise ValueError(f"need at least 2 calibration sequences per layer and length, got {n}")
-    rng = np.random.default_rng(seed)
-    flat = torch.from_numpy(np.ascontiguousarray(hidden, dtype=np.float32).reshape(n, -1))
-    gen = torch.Generator().manual_seed(seed)
-    proj = (flat @ torch.randn(flat.shape[1], 32, generator=gen)).numpy()  # torch: numpy's BLAS threads thrash here
-    d2 = ((proj[:, None, :] - proj[None, :, :]) ** 2).sum(-1)
+    out = np.empty(len(pairs), dtype=np.float32)
+    heads, rows = sketches.shape[1], sketches.shape[2]
+    for s in range(0, len(pairs), chunk):
+        p = np.asarray(pairs[s:s + chunk])
+        a = torch.from_numpy(np.asarray(sketches[p[:, 0]], dtype=np.float32))
+        b = torch.from_numpy(np.asarray(sketches[p[:, 1]], dtype=np.float32))
+        tv = 0.5 * (a - b).abs().sum((-1, -2, -3))
+        valid = rows if lengths is None else np.minimum(np.asarray(lengths)[p[:, 0]], rows)
+        out[s:s + chunk] = tv.numpy() / (heads * np.asarray(valid, dtype=np.float32))
+    return out
+
+
+# ----------------------------------------------------------------------------- pairs
+
+ROLE_RECORD, ROLE_TRAIN, ROLE_VAL, ROLE_CALIB, ROLE_QUERY = 0, 1, 2, 3, 4
+
+
+@dataclass
+class PairSet:
+    """Training and validation pairs ``[P, 2]`` (indices into the bucket's sequences)."""
+
+    train: np.ndarray
+    val: np.ndarray
+
+
+def _record_pairs(rec: np.ndarray, proj: np.ndarray, rng, near: int = 2) -> list[tuple[int, int]]:
+    """Random pairs and nearest-neighbour pairs (under ``proj``) among records of one length."""
+    if len(rec) < 2:
+        return []
+    out = set()
+    d2 = ((proj[rec][:, None, :] - proj[rec][None, :, :]) ** 2).sum(-1)
     np.fill_diagonal(d2, np.inf)
-    k = min(near, n - 1)
-    nbrs = np.argsort(d2, axis=1)[:, :k]
-    near_pairs = np.unique(np.sort(np.stack([np.repeat(np.arange(n), k), nbrs.reshape(-1)], 1), axis=1), axis=0)
-    rng.shuffle(near_pairs)
-    n_pairs = min(n_pairs, n * (n - 1) // 2)
-    chosen = [tuple(p) for p in near_pairs[: n_pairs // 2].tolist()]
-    seen = set(chosen)
-    while len(chosen) < n_pairs:
-        for i, j in rng.integers(0, n, size=(2 * n_pairs, 2)).tolist():
-            pair = (min(i, j), max(i, j))
-            if i != j and pair not in seen:
-                seen.add(pair)
-                chosen.append(pair)
-                if len(chosen) == n_pairs:
-                    break
-    return np.asarray(chosen, dtype=np.int64)
+    for a, nbrs in enumerate(np.argsort(d2, axis=1)[:, :min(near, len(rec) - 1)]):
+        for b in nbrs:
+            out.add((int(min(rec[a], rec[b])), int(max(rec[a], rec[b]))))
+    n_rand = min(len(rec) * (len(rec) - 1) // 2 - len(out), 2 * len(rec))
+    tries = 0
+    while n_rand > 0 and tries < 20 * len(rec):
+        i, j = rng.choice(rec, 2, replace=False)
+        tries += 1
+        pair = (int(min(i, j)), int(max(i, j)))
+        if pair not in out:
+            out.add(pair)
+            n_rand -= 1
+    return sorted(out)
 
 
-def _pair_loss(mlp: nn.Module, z: torch.Tensor, pairs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    items, inverse = torch.unique(pairs, return_inverse=True)
-    e = mlp(z[items])
-    diff = e[inverse[:, 0]] - e[inverse[:, 1]]
-    dist = torch.sqrt((diff * diff).sum(-1) + 1e-12)
-    return ((dist - target) ** 2).mean()
+def _copy_pairs(copies: np.ndarray, origin: np.ndarray, rec_by_len: dict, lengths: np.ndarray,
+                rng) -> list[tuple[int, int]]:
+    out = []
+    by_origin: dict[int, list[int]] = {}
+    for c in copies.tolist():
+        o = int(origin[c])
+        out.append((c, o))  # near: copy and its origin
+        by_origin.setdefault(o, []).append(c)
+        others = rec_by_len[int(lengths[c])]
+        if len(others) > 1:
+            other = int(rng.choice(others))
+            while other == o:
+                other = int(rng.choice(others))
+            out.append((c, other))  # far: copy and an unrelated record
+    for cs in by_origin.values():  # medium: two copies of one origin
+        out += [(cs[k], cs[k + 1]) for k in range(len(cs) - 1)]
+    return out
 
 
-def _full_loss(mlp: nn.Module, z: torch.Tensor, pairs: torch.Tensor, target: torch.Tensor) -> float:
-    if len(pairs) == 0:
-        return float("nan")
-    with torch.no_grad():
-        losses = [_pair_loss(mlp, z, pairs[s:s + 4096], target[s:s + 4096]) * len(pairs[s:s + 4096])
-                  for s in range(0, len(pairs), 4096)]
-    return float(sum(losses) / len(pairs))
-
-
-def fit_token_projection(emb: HiddenStateEmbedder, hidden: torch.Tensor) -> None:
-    """Set ``emb.token_proj`` to the centred, whitened top principal directions of the token states (frozen)."""
-    tokens = hidden.reshape(-1, hidden.shape[-1]).double()
-    mean = tokens.mean(0)
-    cov = (tokens - mean).T @ (tokens - mean) / max(1, tokens.shape[0] - 1)
-    vals, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
-    r = emb.token_proj.out_features
-    # whitened: unit variance per direction, so the MLP input has a known scale whatever the layer
-    basis = (vecs[:, -r:] / torch.sqrt(vals[-r:].clamp_min(1e-6))).flip(1).T  # [r, H]
-    with torch.no_grad():
-        emb.token_proj.weight.copy_(basis.float())
-        emb.token_proj.bias.copy_(-(basis @ mean).float())
-    emb.token_proj.requires_grad_(False)
-
-
-def _match_scale(mlp: nn.Sequential, z: torch.Tensor, pairs: torch.Tensor, target: torch.Tensor) -> None:
-    """Rescale the last layer so initial pair distances have the targets' mean (faster, steadier training)."""
-    with torch.no_grad():
-        e = mlp(z)
-        dist = (e[pairs[:, 0]] - e[pairs[:, 1]]).norm(dim=-1).mean()
-        if dist > 0:
-            mlp[-1].weight.mul_(target.mean() / dist)
-            mlp[-1].bias.zero_()
-
-
-def _target_rows(seq_len: int, rows: int, seed: int) -> np.ndarray:
-    if rows >= seq_len:
-        return np.arange(seq_len)
-    return np.sort(np.random.default_rng(seed).choice(seq_len, rows, replace=False))
-
-
-def train_embedder(hidden: np.ndarray, apms: np.ndarray, config: EmbedConfig = EmbedConfig()
-                   ) -> tuple[HiddenStateEmbedder, TrainReport]:
-    """Train one embedder with the siamese loss on a layer's calibration data.
-
-    The token projection is fitted first (PCA of the layer's token states, then
-    frozen) so the projected sequences ``[N, L * r]`` are computed once and the
-    siamese steps only run the small MLP. Pair targets use the eq. 1 distance over
-    ``config.target_rows`` random query rows (an unbiased estimate of the mean over
-    all rows, 4x cheaper at L=128 with the default 32).
+def build_pairs(hidden: np.ndarray, roles: np.ndarray, origin: np.ndarray, lengths: np.ndarray,
+                seed: int = 0) -> PairSet:
+    """Training and validation pairs of one bucket (see the module docstring).
 
     Parameters
     ----------
     hidden : numpy.ndarray
-        Hidden states ``[N, L, H]`` entering the attention layer (may be a memmap).
-    apms : numpy.ndarray
-        Their APMs ``[N, heads, L, L]`` (may be a memmap).
+        ``[N, Lmax, H]`` hidden states (only used for the record nearest-neighbour pairs).
+    roles : numpy.ndarray
+        ``[N]`` ``ROLE_*`` of each sequence: database record, edited copy used for training,
+        for validation or for calibration, or a query (not used here).
+    origin : numpy.ndarray
+        ``[N]`` the record an edited copy was made from (ignored for others).
+    lengths : numpy.ndarray
+        ``[N]`` real lengths; pairs always join sequences of equal length.
+    """
+    rng = np.random.default_rng(seed)
+    rec = np.flatnonzero(roles == ROLE_RECORD)
+    if len(rec) < 2:
+        raise LookupcInputError(f"need at least 2 database sequences per layer and length, got {len(rec)}")
+    flat = torch.from_numpy(np.asarray(hidden[rec], dtype=np.float32).reshape(len(rec), -1))
+    gen = torch.Generator().manual_seed(seed)
+    proj = np.zeros((len(hidden), 32), dtype=np.float32)
+    proj[rec] = (flat @ torch.randn(flat.shape[1], 32, generator=gen)).numpy()
+    rec_by_len: dict[int, np.ndarray] = {}
+    for n in np.unique(lengths[rec]):
+        rec_by_len[int(n)] = rec[lengths[rec] == n]
+    record_pairs = []
+    for group in rec_by_len.values():
+        record_pairs += _record_pairs(group, proj, rng)
+    rp = np.asarray(record_pairs, dtype=np.int64).reshape(-1, 2)
+    rp = rp[rng.permutation(len(rp))]
+    n_val_rec = max(1, len(rp) // 10) if len(rp) >= 2 else 0
+    train = _copy_pairs(np.flatnonzero(roles == ROLE_TRAIN), origin, rec_by_len, lengths, rng)
+    val = _copy_pairs(np.flatnonzero(roles == ROLE_VAL), origin, rec_by_len, lengths, rng)
+    tr = np.concatenate([np.asarray(train, dtype=np.int64).reshape(-1, 2), rp[n_val_rec:]])
+    va = np.concatenate([np.asarray(val, dtype=np.int64).reshape(-1, 2), rp[:n_val_rec]])
+    if len(tr) == 0 or len(va) == 0:
+        raise LookupcInputError("too few sequences to make training and validation pairs; give more "
+                                "calibration sequences of each length")
+    return PairSet(train=tr, val=va)
+
+
+# ----------------------------------------------------------------------------- training
+
+class _Trainable(nn.Module):
+    """Learned ``pca_dim -> token_dim`` map on PCA coordinates; ``log_c`` of phi; a log scale."""
+
+    def __init__(self, p: int, r: int, eigvals: torch.Tensor):
+        super().__init__()
+        self.proj = nn.Linear(p, r, bias=False)
+        with torch.no_grad():  # start as the whitened top-r principal directions
+            self.proj.weight.zero_()
+            k = min(p, r)
+            self.proj.weight[:k, :k] = torch.diag(eigvals[:k].clamp_min(1e-6).rsqrt())
+        self.log_scale = nn.Parameter(torch.zeros(()))
+        self.log_c = nn.Parameter(torch.zeros(()))
+
+    def keys(self, z: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        f = self.proj(z) * torch.exp(self.log_scale)  # [B, Lmax, r]
+        mask = torch.arange(z.shape[1])[None, :] < lengths[:, None]
+        return (f * mask[..., None]).flatten(1)
+
+    def phi(self, q: torch.Tensor) -> torch.Tensor:
+        c = torch.exp(self.log_c)
+        return c * (1.0 - torch.exp(-q / c))
+
+
+def _pca_basis(hidden: np.ndarray, lengths: np.ndarray, idx: np.ndarray, p: int, max_tokens: int, seed: int):
+    """Mean ``[H]``, top-``p`` principal directions ``[H, p]`` and their variances of real token states."""
+    rng = np.random.default_rng(seed)
+    per_seq = max(1, max_tokens // max(1, len(idx)))
+    toks = []
+    for i in idx.tolist():
+        n = int(lengths[i])
+        pos = np.sort(rng.choice(n, min(n, per_seq), replace=False))
+        toks.append(np.asarray(hidden[i, pos], dtype=np.float64))
+    t = torch.from_numpy(np.concatenate(toks))
+    mean = t.mean(0)
+    cov = (t - mean).T @ (t - mean) / max(1, t.shape[0] - 1)
+    vals, vecs = torch.linalg.eigh(cov)  # ascending
+    p = min(p, t.shape[1])
+    return mean.float(), vecs[:, -p:].flip(1).float(), vals[-p:].flip(0).float()
+
+
+def _project(hidden: np.ndarray, mean: torch.Tensor, basis: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    n = hidden.shape[0]
+    out = torch.empty(n, hidden.shape[1], basis.shape[1])
+    for s in range(0, n, chunk):
+        x = torch.from_numpy(np.asarray(hidden[s:s + chunk], dtype=np.float32))
+        out[s:s + chunk] = (x - mean) @ basis
+    return out
+
+
+def _loss(model: _Trainable, z: torch.Tensor, lengths: torch.Tensor, pairs: torch.Tensor,
+          target: torch.Tensor) -> torch.Tensor:
+    items, inverse = torch.unique(pairs, return_inverse=True)
+    e = model.keys(z[items], lengths[items])
+    q = (e[inverse[:, 0]] - e[inverse[:, 1]]).pow(2).sum(-1)
+    return (model.phi(q) - target).pow(2).mean()
+
+
+def _full_loss(model, z, lengths, pairs, target) -> float:
+    with torch.no_grad():
+        total = sum(float(_loss(model, z, lengths, pairs[s:s + 2048], target[s:s + 2048])) * len(pairs[s:s + 2048])
+                    for s in range(0, len(pairs), 2048))
+    return total / max(1, len(pairs))
+
+
+def _init_scale(model: _Trainable, z, lengths, pairs, target) -> None:
+    """Scale so near pairs (target below the median) start at the right mean distance; c from the far ones."""
+    with torch.no_grad():
+        items, inverse = torch.unique(pairs, return_inverse=True)
+        e = model.keys(z[items], lengths[items])
+        q = (e[inverse[:, 0]] - e[inverse[:, 1]]).pow(2).sum(-1).double()
+        near = target <= target.median()
+        if q[near].mean() > 0:
+            model.log_scale.fill_(0.5 * math.log(float(target[near].mean()) / float(q[near].mean())))
+        model.log_c.fill_(math.log(max(float(target.max()), 1e-3) * 1.1))
+
+
+def train_embedder(hidden: np.ndarray, sketches: np.ndarray, lengths: np.ndarray, pairs: PairSet,
+                   config: EmbedConfig = EmbedConfig(), *, fit_idx: np.ndarray | None = None, desc: str = "embed",
+                   show_progress: bool = True) -> tuple[HiddenStateEmbedder, TrainReport]:
+    """Train one bucket's embedder with the siamese loss until the held-out loss stops improving.
+
+    Parameters
+    ----------
+    hidden : numpy.ndarray
+        ``[N, Lmax, H]`` hidden states entering the attention layer (may be a memmap);
+        positions past a sequence's length are ignored.
+    sketches : numpy.ndarray
+        ``[N, heads, rows, Lmax]`` APM sketches (:func:`apm_sketch`).
+    lengths : numpy.ndarray
+        ``[N]`` real lengths.
+    pairs : PairSet
+        From :func:`build_pairs`.
     config : EmbedConfig
-        Sizes and training options.
+        Sizes and budget.
+    fit_idx : numpy.ndarray, optional
+        Sequences whose token states fit the PCA basis (default: all in ``pairs.train``).
+    desc : str
+        Progress label.
+    show_progress : bool
+        Show a progress bar / lines (``lookupc.progress``) on stderr.
 
     Returns
     -------
     (HiddenStateEmbedder, TrainReport)
-        The trained embedder (eval mode) and the loss / time report. 10% of the
-        pairs are held out; the weights kept are those with the lowest held-out loss
-        (checked every 20 steps, ``report.best_step``; 0 means the scaled initial
-        projection generalised best), because with a few hundred sequences the MLP
-        can memorise the training pairs.
+        The embedder at the step with the lowest held-out loss (``report.best_step``; 0 = the
+        scaled initial map) and the report (``report.val_reduction``: held-out loss reduction).
     """
-    n, seq_len, hid = hidden.shape
-    if apms.shape[0] != n or apms.shape[-1] != seq_len:
-        raise ValueError(f"apms shape {tuple(apms.shape)} does not match hidden {tuple(hidden.shape)}")
+    previous = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        return _train(hidden, sketches, lengths, pairs, config, fit_idx, desc, show_progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(hidden, sketches, lengths, pairs, config, fit_idx, desc, show_progress):
+    from lookupc.progress import progress
+
+    n_seq, lmax, hid = hidden.shape
+    if sketches.shape[0] != n_seq or len(lengths) != n_seq:
+        raise LookupcInputError(f"sketches {tuple(sketches.shape)} / lengths {len(lengths)} do not match "
+                                f"hidden {tuple(hidden.shape)}")
     start = time.perf_counter()
     torch.manual_seed(config.seed)
-    x = torch.from_numpy(np.ascontiguousarray(hidden, dtype=np.float32))
-    pairs_np = sample_pairs(x.numpy(), config.pairs, config.seed)
-    rows = _target_rows(seq_len, config.target_rows, config.seed)
-    sub = np.ascontiguousarray(apms[:, :, rows, :], dtype=np.float32)  # one pass over the (mapped) APMs
-    target_np = pair_distances(sub, pairs_np)
-    n_val = len(pairs_np) // 10
-    pairs, target = torch.from_numpy(pairs_np), torch.from_numpy(target_np)
-    val_p, val_t = pairs[:n_val], target[:n_val]
-    tr_p, tr_t = pairs[n_val:], target[n_val:]
-    emb = HiddenStateEmbedder(seq_len, hid, config)
-    fit_token_projection(emb, x)
-    with torch.no_grad():
-        z = torch.cat([emb.token_proj(x[s:s + 256]).flatten(1) for s in range(0, n, 256)])
-    _match_scale(emb.mlp, z, tr_p, tr_t)
-    init_loss, init_val = _full_loss(emb.mlp, z, tr_p, tr_t), _full_loss(emb.mlp, z, val_p, val_t)
-    opt = torch.optim.Adam(emb.mlp.parameters(), lr=config.lr)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    fit_idx = np.unique(pairs.train) if fit_idx is None else np.asarray(fit_idx)
+    mean, basis, eigvals = _pca_basis(hidden, lengths, fit_idx, config.pca_dim, 50_000, config.seed)
+    z = _project(hidden, mean, basis)
+    lens = torch.from_numpy(lengths)
+    tr_p, va_p = torch.from_numpy(pairs.train), torch.from_numpy(pairs.val)
+    tr_t = torch.from_numpy(pair_distances(sketches, pairs.train, lengths))
+    va_t = torch.from_numpy(pair_distances(sketches, pairs.val, lengths))
+    model = _Trainable(basis.shape[1], config.token_dim, eigvals)
+    _init_scale(model, z, lens, tr_p, tr_t)
+    init_loss, init_val = _full_loss(model, z, lens, tr_p, tr_t), _full_loss(model, z, lens, va_p, va_t)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config.steps)
     gen = torch.Generator().manual_seed(config.seed)
-    losses = []
-    best = (init_val, 0, copy.deepcopy(emb.mlp.state_dict()))
-    for step in range(1, config.steps + 1):
-        sel = torch.randint(0, len(tr_p), (min(config.batch_pairs, len(tr_p)),), generator=gen)
-        loss = _pair_loss(emb.mlp, z, tr_p[sel], tr_t[sel])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        if n_val and (step % 20 == 0 or step == config.steps):
-            val = _full_loss(emb.mlp, z, val_p, val_t)
-            if val < best[0]:
-                best = (val, step, copy.deepcopy(emb.mlp.state_dict()))
-    if n_val:  # early stopping: keep the weights with the lowest held-out loss
-        emb.mlp.load_state_dict(best[2])
+    best = (init_val, 0, copy.deepcopy(model.state_dict()))
+    curve, stopped, since_best, step = [(0, init_val)], "steps", 0, 0
+    bar = progress(total=config.steps, desc=desc, unit="step", disable=not show_progress)
+    try:
+        for step in range(1, config.steps + 1):
+            sel = torch.randint(0, len(tr_p), (min(config.batch_pairs, len(tr_p)),), generator=gen)
+            loss = _loss(model, z, lens, tr_p[sel], tr_t[sel])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+            if step % config.check_every == 0 or step == config.steps:
+                val = _full_loss(model, z, lens, va_p, va_t)
+                curve.append((step, val))
+                if val < best[0] * 0.995:
+                    since_best = 0
+                else:
+                    since_best += 1
+                if val < best[0]:
+                    best = (val, step, copy.deepcopy(model.state_dict()))
+                bar.set_postfix_str(f"held-out loss {val:.3g} ({val / init_val:.0%} of initial)"
+                                    if init_val > 0 else f"held-out loss {val:.3g}")
+                if since_best >= config.patience:
+                    stopped = "converged"
+                    break
+            if config.max_seconds is not None and time.perf_counter() - start > config.max_seconds:
+                stopped = "time budget"
+                break
+    finally:
+        bar.close()
+    model.load_state_dict(best[2])
+    emb = HiddenStateEmbedder(lmax, hid, config)
+    with torch.no_grad():
+        w = basis @ model.proj.weight.T * torch.exp(model.log_scale)  # [H, r]
+        emb.weight.copy_(w)
+        emb.bias.copy_(-(mean @ w))
+        emb.log_c.copy_(model.log_c)
     emb.eval()
     report = TrainReport(
-        seconds=time.perf_counter() - start, initial_loss=init_loss, final_loss=_full_loss(emb.mlp, z, tr_p, tr_t),
-        initial_val_loss=init_val, final_val_loss=_full_loss(emb.mlp, z, val_p, val_t),
-        n_pairs=len(pairs_np), steps=config.steps, best_step=best[1] if n_val else config.steps, losses=losses)
+        seconds=time.perf_counter() - start, initial_loss=init_loss,
+        final_loss=_full_loss(model, z, lens, tr_p, tr_t), initial_val_loss=init_val, final_val_loss=best[0],
+        n_pairs=len(tr_p), n_val_pairs=len(va_p), steps=step, best_step=best[1], stopped=stopped, val_curve=curve)
     return emb, report

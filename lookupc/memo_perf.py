@@ -1,13 +1,14 @@
 """Selective memoization: the per-layer performance model (AttMemo eq. 3) and threshold presets.
 
-"Similar enough" is a threshold on the *predicted similarity score* of the nearest
-stored record, ``1 - ||e_q - e_nn||``: the embedder is trained so that embedding
-distance tracks the APM distance ``1 - SC`` of paper eq. 1 (``lookupc.memo_embed``),
-so the threshold is in the paper's units (SC in [0, 1], 1 = identical APMs). A
-record is used only when ``predicted > threshold`` (strict), so threshold 1.0 is the
-strictest setting: nothing is ever memoized.
+"Similar enough" is a threshold on the *calibrated similarity* of the nearest stored
+record of the same real length: the embedder's predicted similarity (key distance,
+``lookupc.memo_embed``) mapped through the isotonic calibration fitted at build time
+on held-out pairs (``lookupc.memo_calib``), which estimates the true similarity score
+``SC`` of paper eq. 1 (in [0, 1], 1 = identical APMs). A record is used only when the
+calibrated similarity is ``> threshold`` (strict), so threshold 1.0 is the strictest
+setting: nothing is ever memoized.
 
-Presets (predicted SC must exceed):
+Presets (calibrated SC must exceed):
 
 ============  =====  ======================================================
 conservative  0.95   rows of the reused APM differ by < 5% TV on average
@@ -27,12 +28,19 @@ Performance model, per layer i and length bucket (paper eq. 3)::
 ``T_saved`` is what a hit saves: the layer's attention time minus the hit path
 (V projection, APM fetch, ``APM @ V``); the paper's ``T_Atn`` assumes the hit path
 is free, which is not true on a CPU where ``APM @ V`` costs as much as ``Q K^T``.
-``T_overhead`` is embedding + index search, paid on every call. ``alpha`` is the
-hit rate at the threshold, estimated leave-one-out on the calibration set
-(each record queries the index and its own entry is skipped), so it is not
-inflated by records finding themselves, and with the same error margin the live
-lookup applies (``LayerProfile.inflation``). All times are per sequence, measured at
-build time on the build machine. A layer memoizes only when ``PB > 0``.
+``T_overhead`` is embedding + index search, paid on every call. All times are per
+sequence, measured at build time on the build machine with the batched hit path.
+
+``alpha`` is the hit rate at the threshold on *representative queries*: the
+``alpha_inputs`` given to ``build_memo_db`` (the traffic the database is made for),
+or, without them, the held-out token-edited copies of database sequences made at
+build time (near-duplicate traffic at ``EmbedConfig.edit_rates``). Each query's
+nearest record of its real length is looked up as live and counts as a hit when its
+*calibrated* similarity (``lookupc.memo_calib``), less the error margin, clears the
+threshold. (Estimating it
+leave-one-out among the database records, as before, gives alpha = 0 whenever the
+records are distinct documents, and then no layer is ever enabled.) A layer
+memoizes only when ``PB > 0``; :func:`format_plan` prints the decision with its figures.
 """
 
 from __future__ import annotations
@@ -45,9 +53,10 @@ from typing import Callable
 import numpy as np
 
 from lookupc.errors import LookupcInputError
+from lookupc.memo_calib import SimilarityCalibration, with_margin
 
-__all__ = ["PRESETS", "STRICTEST", "LayerTiming", "LayerProfile", "resolve_threshold", "measure_timing",
-           "time_call"]
+__all__ = ["PRESETS", "STRICTEST", "LayerTiming", "LayerProfile", "format_plan", "resolve_threshold",
+           "measure_timing", "time_call"]
 
 PRESETS: dict[str, float] = {"conservative": 0.95, "moderate": 0.90, "aggressive": 0.85}
 STRICTEST = 1.0
@@ -83,44 +92,46 @@ class LayerTiming:
 
 @dataclass(frozen=True)
 class LayerProfile:
-    """Timing and leave-one-out similarities of one (layer, length) bucket.
+    """Timing, calibration and representative-query similarities of one (layer, length) bucket.
 
-    ``loo_predicted[i]`` is the predicted similarity of record i to its nearest *other*
-    record in embedding space, ``loo_true[i]`` the true eq. 1 similarity of that pair.
-    Those are exactly the conditions of a live query, so they measure the embedder's
-    error at query time, including the optimism of taking a nearest neighbour (the
-    minimum of many noisy distances is biased low). The correction is multiplicative
-    on the distance: ``inflation`` is the ``margin_quantile`` quantile of
-    ``true_distance / predicted_distance`` (at least 1), and a hit needs
-    ``1 - inflation * (1 - predicted) > threshold``, so about that fraction of hits
-    really clear the threshold, while an exact repeat (distance 0) still hits.
-    ``margin_quantile=None`` disables the correction.
+    ``alpha_predicted[i]`` is the embedder's predicted similarity of query i to its nearest
+    record (``-inf`` when the database has no record of its real length), ``alpha_true[i]``
+    the true eq. 1 similarity of that pair (``nan`` when none). A query hits when its calibrated
+    similarity less ``margin`` (``memo_calib.error_margin``, ``memo_calib.with_margin``) clears
+    the threshold, as live.
     """
 
     layer: int
     seq_len: int
     timing: LayerTiming
-    loo_predicted: np.ndarray
-    loo_true: np.ndarray
-    margin_quantile: float | None = 0.9
+    calibration: SimilarityCalibration
+    alpha_predicted: np.ndarray
+    alpha_true: np.ndarray
+    alpha_source: str = ""
+    margin: float = 0.0
 
-    @property
-    def inflation(self) -> float:
-        if self.margin_quantile is None or len(self.loo_predicted) == 0:
-            return 1.0
-        pred_d = np.maximum(1.0 - self.loo_predicted.astype(np.float64), 1e-6)
-        ratio = (1.0 - self.loo_true.astype(np.float64)) / pred_d
-        return max(1.0, float(np.quantile(ratio, self.margin_quantile)))
-
-    def corrected(self, predicted: np.ndarray | float) -> np.ndarray | float:
-        """Predicted similarity after the error correction: ``1 - inflation * (1 - predicted)``."""
-        return 1.0 - self.inflation * (1.0 - predicted)
+    def _hits(self, threshold: float) -> np.ndarray:
+        p = np.asarray(self.alpha_predicted, np.float64)
+        ok = np.isfinite(p)
+        out = np.zeros(len(p), dtype=bool)
+        out[ok] = with_margin(self.calibration(p[ok]), self.margin) > threshold
+        return out
 
     def hit_rate(self, threshold: float) -> float:
-        """alpha: fraction of calibration queries whose nearest other record clears ``threshold`` (corrected)."""
-        if len(self.loo_predicted) == 0:
-            return 0.0
-        return float(np.mean(self.corrected(self.loo_predicted) > threshold))
+        """alpha: fraction of the representative queries whose calibrated similarity clears ``threshold``."""
+        return float(self._hits(threshold).mean()) if len(self.alpha_predicted) else 0.0
+
+    def true_hit_rate(self, threshold: float) -> float:
+        """Fraction of the queries whose nearest record's *true* similarity clears ``threshold``."""
+        t = np.nan_to_num(np.asarray(self.alpha_true, np.float64), nan=-np.inf)
+        return float((t > threshold).mean()) if len(t) else 0.0
+
+    def precision(self, threshold: float) -> float:
+        """Of the queries that would hit, the fraction whose true similarity clears ``threshold``."""
+        hits = self._hits(threshold)
+        if not hits.any():
+            return float("nan")
+        return float((np.asarray(self.alpha_true)[hits] > threshold).mean())
 
     def benefit(self, threshold: float) -> float:
         """Paper eq. 3 in seconds per sequence: ``T_saved * alpha - T_overhead``."""
@@ -128,6 +139,36 @@ class LayerProfile:
 
     def worth_it(self, threshold: float) -> bool:
         return self.benefit(threshold) > 0.0
+
+    def decision(self, threshold: float) -> dict:
+        """The eq. 3 figures and verdict at ``threshold`` (seconds per sequence)."""
+        return dict(layer=self.layer, seq_len=self.seq_len, t_attention=self.timing.t_attention,
+                    t_hit=self.timing.t_hit, t_overhead=self.timing.t_overhead,
+                    alpha=self.hit_rate(threshold), true_alpha=self.true_hit_rate(threshold),
+                    precision=self.precision(threshold), saving=self.benefit(threshold),
+                    enabled=self.worth_it(threshold), margin=self.margin, alpha_source=self.alpha_source,
+                    n_queries=int(len(self.alpha_predicted)))
+
+
+def format_plan(rows: list[dict], threshold: float) -> str:
+    """A table of :meth:`LayerProfile.decision` rows (times in ms per sequence)."""
+    lines = [f"memo plan at similarity threshold {threshold:g} (eq. 3: saving = (T_attn - T_hit) * alpha "
+             f"- T_overhead, ms per sequence)",
+             f"{'layer':>5} {'L':>5} {'T_attn':>7} {'T_hit':>7} {'T_ovh':>7} {'margin':>6} {'alpha':>6} "
+             f"{'true':>6} {'saving':>8}  decision"]
+    for r in rows:
+        why = "memoize" if r["enabled"] else ("off: saving <= 0" if r.get("auto", True) else "off")
+        if r.get("forced"):
+            why = "memoize (forced)"
+        lines.append(f"{r['layer']:>5} {r['seq_len']:>5} {1e3 * r['t_attention']:7.2f} {1e3 * r['t_hit']:7.2f} "
+                     f"{1e3 * r['t_overhead']:7.2f} {r.get('margin', 0.0):6.3f} {r['alpha']:6.2f} "
+                     f"{r['true_alpha']:6.2f} "
+                     f"{1e3 * r['saving']:+8.2f}  {why}")
+    sources = sorted({f"{r['alpha_source']} ({r['n_queries']} queries)" for r in rows})
+    if sources:
+        lines.append("alpha from " + "; ".join(sources) + "; 'true' = share whose nearest record truly clears "
+                     "the threshold")
+    return "\n".join(lines)
 
 
 def time_call(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
@@ -144,9 +185,23 @@ def time_call(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> fl
 
 def measure_timing(run_attention: Callable[[], object], run_hit: Callable[[], object],
                    run_overhead: Callable[[], object], n_seqs: int, repeats: int = 5) -> LayerTiming:
-    """Time the three paths on the same calibration batch of ``n_seqs`` sequences (per-sequence result)."""
+    """Time the three paths on the same calibration batch of ``n_seqs`` sequences (per-sequence result).
+
+    The three are timed in turn within each repeat, in a rotating order, and each result is
+    the median over repeats: on a shared machine whose load drifts, timing one path after
+    the other would compare different loads.
+    """
     if n_seqs < 1:
         raise LookupcInputError(f"n_seqs must be >= 1, got {n_seqs}")
-    return LayerTiming(t_attention=time_call(run_attention, repeats) / n_seqs,
-                       t_hit=time_call(run_hit, repeats) / n_seqs,
-                       t_overhead=time_call(run_overhead, repeats) / n_seqs)
+    fns = [run_attention, run_hit, run_overhead]
+    for fn in fns:  # warm-up
+        fn()
+    times: list[list[float]] = [[], [], []]
+    for r in range(max(1, repeats)):
+        for k in range(3):
+            i = (k + r) % 3
+            t0 = time.perf_counter()
+            fns[i]()
+            times[i].append(time.perf_counter() - t0)
+    med = [statistics.median(t) / n_seqs for t in times]
+    return LayerTiming(t_attention=med[0], t_hit=med[1], t_overhead=med[2])

@@ -1,4 +1,4 @@
-"""Attention memoization pass: hits, misses, strictest threshold, persistence, refusal, interruption."""
+"""Attention memoization pass: hits, misses, batching, padding, eq. 3 plan, persistence, refusal."""
 
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("faiss")
 
+from lookupc.errors import LookupcError  # noqa: E402
+from lookupc.memo_calib import SimilarityCalibration  # noqa: E402
 from lookupc.memo_embed import EmbedConfig  # noqa: E402
-from lookupc.memo_perf import LayerProfile, LayerTiming  # noqa: E402
+from lookupc.memo_perf import LayerProfile, LayerTiming, format_plan  # noqa: E402
 from lookupc.memo_store import MemoDatabaseError, MemoStore, StoreWriter  # noqa: E402
 from lookupc.passes import attention_memo as am  # noqa: E402
 
 L = 16
-EMBED = EmbedConfig(dim=16, token_dim=4, width=32, steps=60, pairs=200, batch_pairs=64)
+EMBED = EmbedConfig(token_dim=4, pca_dim=16, steps=150, batch_pairs=64)
 
 
 def tiny_bert(seed: int = 0, layers: int = 2, hidden: int = 32, attn: str = "sdpa"):
@@ -35,8 +37,12 @@ def token_ids(n: int, seed: int) -> torch.Tensor:
     return torch.randint(5, 100, (n, L), generator=torch.Generator().manual_seed(seed))
 
 
-def calib(ids: torch.Tensor, batch: int = 8) -> list[dict]:
-    return [{"input_ids": ids[i:i + batch]} for i in range(0, len(ids), batch)]
+def calib(ids: torch.Tensor, batch: int = 8, mask: torch.Tensor | None = None) -> list[dict]:
+    items = [{"input_ids": ids[i:i + batch]} for i in range(0, len(ids), batch)]
+    if mask is not None:
+        for k, i in enumerate(range(0, len(ids), batch)):
+            items[k]["attention_mask"] = mask[i:i + batch]
+    return items
 
 
 def out(model, ids, **kw) -> torch.Tensor:
@@ -48,8 +54,26 @@ def out(model, ids, **kw) -> torch.Tensor:
 def built(tmp_path_factory):
     model = tiny_bert()
     path = tmp_path_factory.mktemp("memo") / "db"
-    store = am.build_memo_db(model, calib(token_ids(24, 1)), path, embed=EMBED)
+    store = am.build_memo_db(model, calib(token_ids(24, 1)), path, embed=EMBED, progress=False)
     return model, store, path
+
+
+def padded_batch(ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    return mask
+
+
+@pytest.fixture(scope="module")
+def padded_db(tmp_path_factory):
+    """A database from right-padded sequences of real lengths 10 and 16."""
+    model = tiny_bert()
+    ids = token_ids(24, 31)
+    mask = padded_batch(ids, [10, 16] * 12)
+    path = tmp_path_factory.mktemp("memo_pad") / "db"
+    store = am.build_memo_db(model, calib(ids, mask=mask), path, embed=EMBED, progress=False)
+    return model, store
 
 
 def test_finds_bert_self_attention_in_order():
@@ -84,9 +108,26 @@ def test_hit_returns_stored_apm_times_live_value(built, attn):
         stored = torch.tensor(np.array(bucket.apms[rec]))
         v = inner.value(seen["x"][row]).view(L, 4, 8).transpose(0, 1)
         expected = torch.matmul(stored, v).transpose(0, 1).reshape(L, -1)
-        assert torch.equal(seen["y"][row], expected)
+        torch.testing.assert_close(seen["y"][row], expected, rtol=1e-6, atol=1e-6)
         live_apm = am.compute_apm(inner, seen["x"][row:row + 1])[0]
         assert not torch.allclose(stored, live_apm, atol=1e-3)  # it really is the stored one
+
+
+def test_batched_hits_equal_the_per_row_path(built, padded_db):
+    for model, store, ids, mask in [(built[0], built[1], token_ids(7, 41), None),
+                                    (padded_db[0], padded_db[1], token_ids(6, 42),
+                                     padded_batch(token_ids(6, 42), [10, 16, 10, 12, 16, 10]))]:
+        kw = {} if mask is None else {"attention_mask": mask}
+        batched = am.apply_memo(model, store, threshold=-1e9, layers="all")
+        per_row = am.apply_memo(model, store, threshold=-1e9, layers="all")
+        for m in per_row.modules():
+            if isinstance(m, am.MemoSelfAttention):
+                m.batched = False
+        a, b = out(batched, ids, **kw), out(per_row, ids, **kw)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        sa, sb = am.memo_stats(batched), am.memo_stats(per_row)
+        assert [(s.hits, s.last_records) for s in sa.values()] == [(s.hits, s.last_records) for s in sb.values()]
+        assert sa[0].hits >= 5
 
 
 def test_strictest_threshold_memoizes_nothing_and_is_exact(built):
@@ -103,7 +144,7 @@ def test_strictest_threshold_memoizes_nothing_and_is_exact(built):
 def test_calibration_inputs_hit_themselves_and_reproduce_the_model(built):
     model, store, _ = built
     ids = token_ids(24, 1)[:8]
-    memo = am.apply_memo(model, store, threshold=0.999, layers="all")  # error correction keeps exact repeats
+    memo = am.apply_memo(model, store, threshold=0.999, layers="all")  # calibration keeps exact repeats exact
     torch.testing.assert_close(out(memo, ids), out(model, ids), rtol=1e-4, atol=1e-4)
     assert [r for _, r, _ in am.memo_stats(memo)[0].last_records] == list(range(8))
 
@@ -118,35 +159,62 @@ def test_apply_does_not_modify_the_input_model(built):
     assert sorted(am.memo_stats(again)) == [1]
 
 
-def test_padded_sequences_take_the_normal_path(built):
-    model, store, _ = built
-    ids = token_ids(4, 11)
-    mask = torch.ones_like(ids)
-    mask[1, 10:] = 0
+def test_padded_inputs_memoize_only_records_of_the_same_real_length(padded_db):
+    model, store = padded_db
+    bucket = store.bucket(0, L)
+    assert sorted(bucket.groups) == [10, 16] and sorted(set(bucket.lengths.tolist())) == [10, 16]
+    assert bucket.apm(int(np.flatnonzero(bucket.lengths == 10)[0])).shape == (4, 10, 10)
+    ids = token_ids(5, 77)
+    lengths = [10, 16, 12, 10, 16]  # no record has 12 real tokens
+    mask = padded_batch(ids, lengths)
+    mask[4] = 0
+    mask[4, 3:] = 1  # left padding: not a right-padding mask, ineligible
     memo = am.apply_memo(model, store, threshold=-1e9, layers="all")
+    seen = {}
+    wrapper = memo.encoder.layer[0].attention.self
+    wrapper.register_forward_hook(lambda m, args, res: seen.update(x=args[0], y=res[0]))
     got, ref = out(memo, ids, attention_mask=mask), out(model, ids, attention_mask=mask)
     stats = am.memo_stats(memo)[0]
-    assert stats.ineligible == 1 and stats.hits == 3
-    # layer 0 is exact for the padded row (normal path); layer 1 saw its normal input too
-    assert 1 not in [r for r, _, _ in stats.last_records]
-    torch.testing.assert_close(got[1], ref[1], rtol=0, atol=0)
-    # other lengths have no bucket: ineligible, exact
-    memo2 = am.apply_memo(model, store, threshold=-1e9, layers="all")
+    assert (stats.hits, stats.misses, stats.ineligible) == (3, 1, 1)
+    rows = {r: rec for r, rec, _ in stats.last_records}
+    assert sorted(rows) == [0, 1, 3]
+    for r, rec in rows.items():
+        assert bucket.lengths[rec] == lengths[r]  # only records of the row's real length
+        n = lengths[r]
+        v = wrapper.inner.value(seen["x"][r, :n]).view(n, 4, 8).transpose(0, 1)
+        expected = torch.matmul(torch.from_numpy(np.array(bucket.apm(rec))), v).transpose(0, 1).reshape(n, -1)
+        torch.testing.assert_close(seen["y"][r, :n], expected, rtol=1e-6, atol=1e-6)
+    # the row without a same-length record and the left-padded one took the normal path everywhere
+    for r in (2, 4):
+        assert all(r not in [x[0] for x in s.last_records] for s in am.memo_stats(memo).values())
+        torch.testing.assert_close(got[r], ref[r], rtol=1e-5, atol=1e-5)
+
+
+def test_other_input_length_is_an_error_unless_asked_to_run_it_unmemoized(built):
+    model, store, _ = built
     short = token_ids(2, 3)[:, :12]
-    assert torch.equal(out(memo2, short), out(model, short))
-    assert am.memo_stats(memo2)[0].ineligible == 2
+    memo = am.apply_memo(model, store, threshold=-1e9, layers="all")
+    with pytest.raises(MemoDatabaseError, match=r"built for sequence lengths \[16\], this input has length 12"):
+        out(memo, short)
+    assert all(s.hits == 0 for s in am.memo_stats(memo).values())
+    lenient = am.apply_memo(model, store, threshold=-1e9, layers="all", other_lengths="original")
+    assert torch.equal(out(lenient, short), out(model, short))
+    assert am.memo_stats(lenient)[0].ineligible == 2
+    with pytest.raises(ValueError, match="other_lengths"):
+        am.apply_memo(model, store, other_lengths="pad")
 
 
 def test_database_round_trip(built, tmp_path):
     model, store, path = built
     copy_path = tmp_path / "copied"
     shutil.copytree(path, copy_path)
-    reopened = MemoStore.open(copy_path, expect=am.model_fingerprint(model))
+    reopened = MemoStore.open(copy_path, expect=am.model_fingerprint(model), verify="full")
     assert reopened.fingerprint == store.fingerprint and sorted(reopened.buckets) == sorted(store.buckets)
     for key, b in store.buckets.items():
         r = reopened.buckets[key]
         assert np.array_equal(np.asarray(r.apms), np.asarray(b.apms))
-        assert np.array_equal(r.loo, b.loo)
+        assert np.array_equal(r.alpha_predicted, b.alpha_predicted)
+        assert np.array_equal(r.calibration.knots_x, b.calibration.knots_x)
     ids = token_ids(8, 21)
     a = am.apply_memo(model, store, threshold=-1e9, layers="all")
     b = am.apply_memo(model, copy_path, threshold=-1e9, layers="all")
@@ -155,7 +223,9 @@ def test_database_round_trip(built, tmp_path):
            [(s.hits, s.last_records) for s in am.memo_stats(b).values()]
     manifest = json.loads((copy_path / "manifest.json").read_text())
     assert manifest["fingerprint"]["num_layers"] == 2 and manifest["fingerprint"]["hidden_size"] == 32
-    assert manifest["buckets"][0]["seq_len"] == L and manifest["buckets"][0]["train"]["seconds"] > 0
+    entry = manifest["buckets"][0]
+    assert entry["seq_len"] == L and entry["train"]["seconds"] > 0 and entry["groups"] == [dict(n=L, count=24)]
+    assert entry["calibration"]["held_out"]["n"] > 0 and entry["alpha_source"].startswith("held-out edited copies")
 
 
 @pytest.mark.parametrize("other, word", [
@@ -169,10 +239,59 @@ def test_mismatched_database_is_refused(built, other, word):
         am.apply_memo(tiny_bert(**other), path)
 
 
+def _corrupt(kind: str, path):
+    if kind == "truncated apm":
+        apm = next(path.glob("apm_*.bin"))
+        apm.write_bytes(apm.read_bytes()[:-4])
+    elif kind == "flipped apm byte":
+        apm = next(path.glob("apm_*.bin"))
+        data = bytearray(apm.read_bytes())
+        data[0] ^= 0xFF  # the first block is always in the sampled hash
+        apm.write_bytes(bytes(data))
+    elif kind == "garbage index":
+        idx = next(path.glob("index_*.faiss"))
+        idx.write_bytes(b"\0" * idx.stat().st_size)
+    elif kind == "flipped embedder byte":
+        emb = next(path.glob("embed_*.safetensors"))
+        data = bytearray(emb.read_bytes())
+        data[-3] ^= 0x01
+        emb.write_bytes(bytes(data))
+    elif kind == "missing meta":
+        next(path.glob("meta_*.safetensors")).unlink()
+    elif kind == "manifest not json":
+        (path / "manifest.json").write_text("{not json")
+    elif kind == "old format":
+        mf = json.loads((path / "manifest.json").read_text())
+        mf["format"] = "lookupc-attention-memo/1"
+        (path / "manifest.json").write_text(json.dumps(mf))
+
+
+@pytest.mark.parametrize("kind, word", [
+    ("truncated apm", "bytes, expected"),
+    ("flipped apm byte", "sampled SHA-256"),
+    ("garbage index", "SHA-256 differs"),
+    ("flipped embedder byte", "SHA-256 differs"),
+    ("missing meta", "is missing"),
+    ("manifest not json", "cannot read"),
+    ("old format", "rebuild it"),
+])
+def test_corrupt_store_is_refused_and_serves_nothing(built, tmp_path, kind, word):
+    model, _, path = built
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    _corrupt(kind, bad)
+    with pytest.raises(MemoDatabaseError, match=word) as err:
+        am.apply_memo(model, bad, threshold=-1e9, layers="all")
+    assert isinstance(err.value, LookupcError) and isinstance(err.value, ValueError)
+    if kind == "garbage index":  # without hash checks, faiss's own error is still a MemoDatabaseError
+        with pytest.raises(MemoDatabaseError, match="corrupt"):
+            MemoStore.open(bad, verify="none")
+
+
 def test_existing_output_is_not_overwritten_by_default(built):
     model, _, path = built
     with pytest.raises(ValueError, match="exists"):
-        am.build_memo_db(model, calib(token_ids(4, 2)), path, embed=EMBED)
+        am.build_memo_db(model, calib(token_ids(4, 2)), path, embed=EMBED, progress=False)
 
 
 def test_interrupted_build_leaves_nothing_that_loads(built, tmp_path, monkeypatch):
@@ -189,60 +308,70 @@ def test_interrupted_build_leaves_nothing_that_loads(built, tmp_path, monkeypatc
     monkeypatch.setattr(am, "train_embedder", failing)
     target = tmp_path / "db"
     with pytest.raises(KeyboardInterrupt):
-        am.build_memo_db(model, calib(token_ids(8, 4)), target, embed=EMBED)
+        am.build_memo_db(model, calib(token_ids(8, 4)), target, embed=EMBED, progress=False)
     assert len(calls) == 2  # it was interrupted after writing one layer
     assert list(tmp_path.iterdir()) == []  # neither the target nor a temp dir is left
     with pytest.raises(MemoDatabaseError, match="does not exist"):
         MemoStore.open(target)
     # a killed process leaves a temp dir without manifest: refused too
     writer = StoreWriter(tmp_path / "killed")
-    writer.apm_array(0, L, 2, 4)[:] = 0.5
+    writer.apm_array(0, L, np.array([L, L]), 4)[0][:] = 0.5
     with pytest.raises(MemoDatabaseError, match="not a finished"):
         MemoStore.open(writer.tmp)
     shutil.rmtree(writer.tmp)
 
 
-def test_truncated_apm_file_is_refused(built, tmp_path):
-    _, _, path = built
-    bad = tmp_path / "bad"
-    shutil.copytree(path, bad)
-    apm = next(bad.glob("apm_*.bin"))
-    apm.write_bytes(apm.read_bytes()[:-4])
-    with pytest.raises(MemoDatabaseError, match="bytes, expected"):
-        MemoStore.open(bad)
+def _profile(pred, true, timing, calibration=None):
+    return LayerProfile(0, L, timing, calibration or SimilarityCalibration.identity(), np.asarray(pred),
+                        np.asarray(true), "test queries")
 
 
-def test_performance_model_eq3_selects_layers(built):
-    pred = np.array([0.5, 0.92, 0.96, 0.99], dtype=np.float32)
-    prof = LayerProfile(0, L, LayerTiming(t_attention=10.0, t_hit=4.0, t_overhead=1.0), pred, pred,
-                        margin_quantile=None)
-    assert prof.inflation == 1.0
-    assert prof.hit_rate(0.95) == 0.5 and prof.benefit(0.95) == pytest.approx(6.0 * 0.5 - 1.0)
+def test_performance_model_eq3_uses_calibrated_alpha_of_representative_queries(built):
+    timing = LayerTiming(t_attention=10.0, t_hit=4.0, t_overhead=1.0)
+    pred = np.array([0.5, 0.92, 0.96, 0.99, -np.inf])  # the last query had no record of its length
+    prof = _profile(pred, pred, timing)
+    assert prof.hit_rate(0.95) == pytest.approx(0.4) and prof.benefit(0.95) == pytest.approx(6.0 * 0.4 - 1.0)
     assert prof.hit_rate(0.999) == 0.0 and not prof.worth_it(0.999)
-    # an embedder whose leave-one-out neighbours are really 1.5x further than predicted
-    biased = LayerProfile(0, L, prof.timing, pred, 1.0 - 1.5 * (1.0 - pred), margin_quantile=0.9)
-    assert biased.inflation == pytest.approx(1.5, rel=1e-5)
-    assert biased.corrected(1.0) == 1.0  # an exact repeat still hits
-    assert biased.hit_rate(0.95) == 0.25 and biased.hit_rate(0.9) == 0.5 and biased.hit_rate(0.85) == 0.75
-    _, store, _ = built
+    # an embedder that overstates similarity: the calibration maps predicted 0.96 to a true 0.9
+    cal = SimilarityCalibration(np.array([0.5, 0.96, 1.0]), np.array([0.4, 0.9, 1.0]))
+    biased = _profile(pred, np.array([0.4, 0.85, 0.9, 0.97, np.nan]), timing, cal)
+    assert biased.hit_rate(0.95) == pytest.approx(0.2) and biased.true_hit_rate(0.95) == pytest.approx(0.2)
+    assert biased.precision(0.95) == 1.0
+    d = biased.decision(0.95)
+    assert d["alpha"] == pytest.approx(0.2) and d["saving"] == pytest.approx(6.0 * 0.2 - 1.0) and d["enabled"]
+    text = format_plan([dict(d, forced=False, auto=True)], 0.95)
+    assert "T_attn" in text and "alpha" in text and "test queries (5 queries)" in text
+    model, store, _ = built
+    lines = []
+    memo = am.apply_memo(model, store, threshold=-1e9, log=lines.append)  # alpha = 1 everywhere
     profiles = am.layer_profiles(store)
-    assert sorted(profiles) == [(0, L), (1, L)]
-    for p in profiles.values():
-        assert p.timing.t_attention > 0 and p.timing.t_overhead > 0 and len(p.loo_predicted) == 24
-    memo = am.apply_memo(built[0], store, threshold=-1e9)  # alpha = 1 everywhere
     expect = sorted(l for (l, _), p in profiles.items() if p.benefit(-1e9) > 0)
     assert sorted(am.memo_stats(memo)) == expect
+    assert "memo plan at similarity threshold" in lines[0] and lines[0].count("\n") >= 3
 
 
-def test_padded_calibration_sequences_are_skipped(tmp_path):
+def test_alpha_is_measured_on_the_given_representative_queries(tmp_path):
     model = tiny_bert()
-    ids = token_ids(6, 13)
-    mask = torch.ones_like(ids)
-    mask[2, 12:] = 0
-    store = am.build_memo_db(model, [{"input_ids": ids, "attention_mask": mask}], tmp_path / "db", embed=EMBED)
-    reopened = MemoStore.open(tmp_path / "db")
-    assert all(b.count == 5 for b in reopened.buckets.values()) and store.bucket(0, L).count == 5
-    with torch.no_grad():
-        hidden = model.embeddings(input_ids=ids[[0, 1, 3]])
-        want = am.compute_apm(model.encoder.layer[0].attention.self, hidden)
-    np.testing.assert_allclose(np.asarray(reopened.bucket(0, L).apms[:3]), want.numpy(), rtol=1e-5, atol=1e-6)
+    ids = token_ids(16, 51)
+    repeats = am.build_memo_db(model, calib(ids), tmp_path / "rep", embed=EMBED, alpha_inputs=calib(ids[:8]),
+                               progress=False)
+    disjoint = am.build_memo_db(model, calib(ids), tmp_path / "dis", embed=EMBED,
+                                alpha_inputs=calib(token_ids(8, 52)), progress=False)
+    for store, alpha_at_999 in ((repeats, 1.0), (disjoint, 0.0)):
+        for (_, _), prof in am.layer_profiles(store).items():
+            assert prof.alpha_source == "alpha_inputs" and len(prof.alpha_predicted) == 8
+            assert prof.hit_rate(0.999) == alpha_at_999
+    plan = am.memo_plan(repeats, threshold=0.999)
+    assert [r["alpha"] for r in plan] == [1.0, 1.0] and all(r["enabled"] == (r["saving"] > 0) for r in plan)
+
+
+def test_timings_are_interleaved_medians():
+    from lookupc.memo_perf import measure_timing
+
+    calls = []
+    fns = [lambda k=k: calls.append(k) for k in "aho"]
+    t = measure_timing(*fns, n_seqs=4, repeats=3)
+    assert calls[:3] == list("aho") and calls[3:] == list("aho" "hoa" "oah")  # warm-up, then rotating order
+    assert t.t_attention >= 0 and t.t_hit >= 0 and t.t_overhead >= 0
+    with pytest.raises(ValueError, match="n_seqs"):
+        measure_timing(*fns, n_seqs=0)

@@ -84,16 +84,22 @@ def test_cli_build_info_run_and_refusal(tmp_path):
     runner = CliRunner()
     db = str(tmp_path / "db")
     r = runner.invoke(cli, ["memo", "build", str(tmp_path / "bert"), "--calibration", str(tmp_path / "calib.txt"),
-                            "-o", db, "--seq-len", "16", "--max-sequences", "24", "--steps", "30",
-                            "--embed-dim", "8"])
+                            "-o", db, "--seq-len", "16", "--max-sequences", "24", "--steps", "60",
+                            "--token-dim", "2", "--alpha-text", str(tmp_path / "eval.txt")])
     assert r.exit_code == 0, r.output
     assert "wrote" in r.output and (tmp_path / "db" / "manifest.json").is_file()
+    assert "held-out loss" in r.output and "calibration held_out" in r.output
     r = runner.invoke(cli, ["memo", "info", db])
     assert r.exit_code == 0 and "layers=2 hidden=32 heads=4" in r.output, r.output
+    assert r.output.count("memo plan at similarity threshold") == 3 and "alpha_inputs" in r.output
     r = runner.invoke(cli, ["memo", "run", str(tmp_path / "bert"), "--db", db, "--text", str(tmp_path / "eval.txt"),
                             "--seq-len", "16", "--layers", "all", "--threshold", "1.0"])
     assert r.exit_code == 0, r.output
     assert "hits 0" in r.output and "cosine vs original mean 1.0000 min 1.0000" in r.output
+    assert "memo plan at similarity threshold 1" in r.output and "memoize (forced)" in r.output
+    r = runner.invoke(cli, ["memo", "build", str(tmp_path / "bert"), "--calibration", str(tmp_path / "calib.txt"),
+                            "-o", str(tmp_path / "db2"), "--edit-rates", "x"])
+    assert r.exit_code != 0 and "--edit-rates" in r.output
     r = runner.invoke(cli, ["memo", "run", str(tmp_path / "other"), "--db", db, "--text",
                             str(tmp_path / "eval.txt"), "--seq-len", "16"])
     assert r.exit_code != 0 and "does not match the model" in r.output
