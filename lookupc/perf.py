@@ -18,6 +18,7 @@ import torch
 import lookupc
 from lookupc import baselines
 from lookupc import reference as ref
+from lookupc.config import TABLE_DTYPES  # names -> bytes per element (re-exported)
 from lookupc.schedules.registry import schedule_names
 
 __all__ = ["CONFIGS", "SCHEDULES", "TABLE_DTYPES", "cpu_name", "read_bandwidth", "dense_ffn", "run_config",
@@ -33,7 +34,6 @@ CONFIGS = {
     "minilm-512x1": (384, 1536, lookupc.LookupConfig(tables=512, bits=1, block_size=32)),
     "minilm-128x4": (384, 1536, lookupc.LookupConfig(tables=128, bits=4, block_size=32)),
 }
-TABLE_DTYPES = ("float32", "bfloat16", "int8")
 SCHEDULES = tuple(schedule_names())
 
 
@@ -139,14 +139,9 @@ def lookup_variants(ffn, x, schedules, tuning_db, naive_tokens, table_dtypes=("f
                           lambda k=k, xs=xs: k.hash(xs, ffn.bh4_weight, p["hash_bias"], decay),
                           lambda k=k, cs=cs, ss=ss, tables=tables, scale=scale: k.gather(
                               cs, ss, tables, p["bias"], scale),
-                          xs.shape[0], shapes_itemsize(dtype))
+                          xs.shape[0], TABLE_DTYPES[dtype])
     return out
 
-
-def shapes_itemsize(dtype: str) -> int:
-    from lookupc.config import TABLE_DTYPES as sizes
-
-    return sizes[dtype]
 
 
 def _without_records(shapes, tuning_db) -> bool:
