@@ -39,9 +39,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lookupc.memo_data import edit_tokens, load_encoder, pack_sentences, pad_sentences  # noqa: E402
-from lookupc.memo_embed import EmbedConfig  # noqa: E402
-from lookupc.memo_perf import PRESETS, format_plan  # noqa: E402
+from lookupc.memo.data import edit_tokens, load_encoder, pack_sentences, pad_sentences  # noqa: E402
+from lookupc.memo.embed import EmbedConfig  # noqa: E402
+from lookupc.memo.perf import PRESETS, format_plan  # noqa: E402
 from lookupc.passes.attention_memo import (  # noqa: E402
     apply_memo,
     build_memo_db,

@@ -57,8 +57,8 @@ def build_artifact(model, example, lookup: str, schedule: str, out_dir: str,
                    table_dtype: str = "float32"):
     """``lookupc compile`` through the API, then ``lookupc.load`` of what it wrote."""
     import lookupc
-    from lookupc.artifact import compile_artifact
-    from lookupc.model_io import LoadedModel
+    from lookupc.artifact.core import compile_artifact
+    from lookupc.artifact.model_io import LoadedModel
     from lookupc.targets import host_target
 
     cfg = None

@@ -66,9 +66,9 @@ def main(argv=None) -> int:
     os.environ["TVM_NUM_THREADS"] = str(threads)
     os.environ.setdefault("TVM_BIND_THREADS", "0")
     torch.set_num_threads(threads)
-    from lookupc import kernels as K
     from lookupc import tvm_shim
-    from lookupc.schedules.tuned import default_db_dir
+    from lookupc.runtime import cpu as K
+    from lookupc.schedules.cpu.tuned import default_db_dir
 
     configs = args.config or ["paper"]
     schedules = [s for s in args.schedules.split(",") if s]

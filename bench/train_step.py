@@ -6,9 +6,9 @@ One step = forward on ``[tokens, d]``, a scalar loss, backward into every parame
 - ``dense``: Linear(d, 4d) -> GELU -> Linear(4d, d);
 - ``lookup-reference``: LookupFFN with the PyTorch reference math (``set_schedule("reference")``);
 - on CPU also ``lookup-cpu``: TVM kernels forward and backward (``set_schedule("cpu")``:
-  ``lookupc.kernels`` forward, ``lookupc.cpu_training`` backward);
+  ``lookupc.runtime.cpu`` forward, ``lookupc.runtime.cpu_training`` backward);
 - on CUDA also ``lookup-cuda-atomic`` and ``lookup-cuda-segment``: the TVM-built CUDA
-  kernels (``lookupc.cuda_kernels``), with the table gradient reduced by atomics or by a
+  kernels (``lookupc.runtime.cuda``), with the table gradient reduced by atomics or by a
   sort + segment reduction.
 
 Each row: ``ms_median``, ``ms_min`` (over ``--repeats`` steps after ``--warmup``),
@@ -142,7 +142,7 @@ def backward_ops(config: str, tokens: int, warmup: int, repeats: int, seed: int 
     """``lookupc::hash_backward`` and ``lookupc::gather_backward`` alone (one LookupFFN of
     ``config``, ``tokens`` rows), the reference math vs the ``cpu`` kernels, interleaved."""
     from lookupc import reference as ref
-    from lookupc.cpu_training import for_target
+    from lookupc.runtime.cpu_training import for_target
 
     d, _, cfg = CONFIGS[config]
     torch.manual_seed(seed)
@@ -188,7 +188,7 @@ class _ForwardOnly:
     gets the reference math for the backward (``lookupc.ops``)."""
 
     def __init__(self):
-        from lookupc.kernels import TvmProvider
+        from lookupc.runtime.cpu import TvmProvider
 
         self._cpu = TvmProvider("cpu")
 

@@ -4,7 +4,7 @@ A byte-level transformer LM on the Python standard library's docstrings
 (``lookupc.textdata.docstring_corpus``, offline) whose FFNs are LookupFFNs. The first
 ``--check-steps`` steps are run twice from the same initialisation and batches: once on
 the CPU with the PyTorch reference math (``set_schedule("reference")``) and once on the
-GPU, where the lookupc ops run the CUDA kernels (``lookupc.cuda_kernels``: hash, gather
+GPU, where the lookupc ops run the CUDA kernels (``lookupc.runtime.cuda``: hash, gather
 and their backward, built by TVM from the same TensorIR as the CPU path). The losses
 must agree (relative difference <= ``--tolerance``); then training continues on the GPU.
 

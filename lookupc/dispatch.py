@@ -141,7 +141,7 @@ def _load_builtin_providers() -> None:
     _builtin_loaded[0] = True
     import importlib
 
-    for module in ("kernels", "cuda_kernels"):  # register "naive"/"cpu"/"tuned" and "cuda"
+    for module in ("runtime.cpu", "runtime.cuda"):  # register "naive"/"cpu"/"tuned" and "cuda"
         with contextlib.suppress(ModuleNotFoundError):
             importlib.import_module(f"{__package__}.{module}")
 

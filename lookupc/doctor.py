@@ -36,7 +36,7 @@ def _versions() -> dict:
 
 
 def _cache() -> dict:
-    from . import kernels
+    from .runtime import cpu as kernels
 
     root = kernels.cache_dir()
     if root is None:
@@ -65,7 +65,7 @@ def _dispatch() -> dict:
                                "artifact (lookupc compile) for the TVM kernels")
     try:
         import lookupc
-        from lookupc import kernels
+        from lookupc.runtime import cpu as kernels
 
         ffn = lookupc.LookupFFN(32, 16, lookupc.LookupConfig(tables=4, bits=4, block_size=8))
         kernels.build(kernels.KernelShapes.of(ffn), schedule="cpu")
@@ -85,7 +85,8 @@ def _bench(seconds: float) -> dict:
     import torch
 
     import lookupc
-    from lookupc import kernels, perf
+    from lookupc import perf
+    from lookupc.runtime import cpu as kernels
 
     b = _BENCH
     torch.manual_seed(0)
@@ -126,8 +127,8 @@ def _bench(seconds: float) -> dict:
 
 
 def _artifact(path: str) -> dict:
-    from . import signing
-    from .artifact import ArtifactError, verify
+    from .artifact import signing
+    from .artifact.core import ArtifactError, verify
     from .targets import TargetSpec, can_execute, host_target
 
     out: dict = {"path": path}

@@ -97,7 +97,7 @@ def lookup_variants(ffn, x, schedules, tuning_db, naive_tokens, table_dtypes=("f
     """
     from dataclasses import replace
 
-    from lookupc import kernels as K
+    from lookupc.runtime import cpu as K
 
     p = {k: v.detach() for k, v in ffn.named_parameters()}
     decay, bits = float(ffn.config.decay), ffn.config.bits
@@ -147,7 +147,7 @@ def lookup_variants(ffn, x, schedules, tuning_db, naive_tokens, table_dtypes=("f
 def _without_records(shapes, tuning_db) -> bool:
     """True when the tuning database has no record for the hash or the gather of ``shapes``."""
     from lookupc import tvm_shim
-    from lookupc.schedules.tuned import best_knobs, default_db_dir
+    from lookupc.schedules.cpu.tuned import best_knobs, default_db_dir
 
     target = tvm_shim.make_target(None)
     db = tuning_db or default_db_dir()

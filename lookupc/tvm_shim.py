@@ -207,7 +207,7 @@ def script_of(func: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# CUDA (added for lookupc.cuda_kernels / schedules/cuda_*.py; TVM 0.27 specifics)
+# CUDA (added for lookupc.runtime.cuda / schedules/cuda_*.py; TVM 0.27 specifics)
 # ---------------------------------------------------------------------------------------
 
 #: Name of the TIR intrinsic that CUDA codegen emits as ``atomicAdd`` (0.27: "tirx.cuda.*";

@@ -181,11 +181,11 @@ def _run_rewrites(model: nn.Module, matches: list[FFNMatch], lookups: dict[str, 
 
 
 def _distill_fn() -> Callable:
-    """``lookupc.distill.distill_conversion``, or a clear error if it is not available."""
+    """``lookupc.distill.layer.distill_conversion``, or a clear error if it is not available."""
     try:
-        return importlib.import_module("lookupc.distill").distill_conversion
+        return importlib.import_module("lookupc.distill.layer").distill_conversion
     except (ImportError, AttributeError) as exc:
-        raise LookupcError("init='distill' needs lookupc.distill.distill_conversion, which is "
+        raise LookupcError("init='distill' needs lookupc.distill.layer.distill_conversion, which is "
                            f"not available: {exc}") from exc
 
 
@@ -203,7 +203,7 @@ def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
         Not modified; the result holds a converted deep copy.
     example_inputs : tuple, dict or Tensor
         As for :func:`find_ffns`. For a ``SentenceTransformer`` ``model``: sentences
-        (default two short ones) or its transformer's inputs (:mod:`lookupc.st_format`).
+        (default two short ones) or its transformer's inputs (:mod:`lookupc.artifact.st_format`).
     config : LookupConfig, dict, callable or None
         None: sized from each FFN (``LookupConfig.for_distill`` with ``init='distill'``,
         else ``LookupConfig.for_ffn``); one LookupConfig for all;
@@ -211,12 +211,12 @@ def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
         leaves that FFN dense); or a callable ``match -> LookupConfig | None``.
     init : {'random', 'distill'}
         'random' keeps the LookupFFN's random init; 'distill' fits each LookupFFN
-        to the dense FFN it replaces on ``calibration`` (see ``lookupc.distill``).
+        to the dense FFN it replaces on ``calibration`` (see ``lookupc.distill.layer``).
     calibration : optional
         Calibration inputs for ``init='distill'``: example inputs, or text (a list of
         sentences, a ``.txt``/``.jsonl`` path) tokenised with ``tokenizer``.
     distill_options : dict, optional
-        Keyword arguments of ``lookupc.distill.distill_conversion``.
+        Keyword arguments of ``lookupc.distill.layer.distill_conversion``.
     force : bool
         Replace an FFN even when its LookupFFN would cost more FLOPs per token than the
         dense FFN. Without it such an FFN stays dense, with the reason in
@@ -254,7 +254,7 @@ def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
     ('LookupFFN', 'Identity')
     """
     params = dict(locals())  # every argument, as given
-    from lookupc.st_format import convert_sentence_transformer, is_sentence_transformer
+    from lookupc.artifact.st_format import convert_sentence_transformer, is_sentence_transformer
 
     if is_sentence_transformer(model):  # its transformer is converted; pooling etc. kept
         return convert_sentence_transformer(convert, params.pop("model"),

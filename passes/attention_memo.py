@@ -2,11 +2,11 @@
 
 ``build_memo_db`` runs a model on calibration inputs, records every self-attention
 layer's input hidden state and attention probability matrix (APM), trains an
-embedder per layer (``lookupc.memo_embed``) on pairs that include token-edited copies
+embedder per layer (``lookupc.memo.embed``) on pairs that include token-edited copies
 of the calibration sequences, fits a calibrated map from predicted to true similarity
-on held-out pairs (``lookupc.memo_calib``), measures the eq. 3 performance model on
+on held-out pairs (``lookupc.memo.calib``), measures the eq. 3 performance model on
 representative queries (``alpha_inputs``) and writes a database
-(``lookupc.memo_store``). ``apply_memo`` returns a copy of a model whose chosen
+(``lookupc.memo.store``). ``apply_memo`` returns a copy of a model whose chosen
 self-attention modules are wrapped by :class:`MemoSelfAttention`: per batch it embeds
 the eligible sequences, finds each one's nearest stored record of the same real
 length, and where the calibrated similarity (less an error margin) clears the threshold computes
@@ -32,7 +32,7 @@ sequence with ``n`` real tokens may only use a record of real length ``n`` (each
 length has its own index); on a hit its real rows get ``APM @ V[:n]`` and its padding
 rows (ignored downstream: every layer masks padding keys) uniform attention over the
 real tokens. Masks that are not a right-padding key mask (left padding, holes, causal)
-make the sequence ineligible. Packed, unpadded inputs (``lookupc.memo_data``) are the
+make the sequence ineligible. Packed, unpadded inputs (``lookupc.memo.data``) are the
 case ``n = L``.
 
 Order with the LookupFFN pass: either. ``apply_memo(lookupc.convert(m, ...).module, db)``
@@ -60,9 +60,9 @@ import torch
 from torch import Tensor, nn
 
 from lookupc.errors import LookupcInputError, PassError
-from lookupc.memo_calib import SimilarityCalibration, calibration_table, with_margin
-from lookupc.memo_data import edit_tokens, real_lengths_2d
-from lookupc.memo_embed import (
+from lookupc.memo.calib import SimilarityCalibration, calibration_table, with_margin
+from lookupc.memo.data import edit_tokens, real_lengths_2d
+from lookupc.memo.embed import (
     ROLE_CALIB,
     ROLE_QUERY,
     ROLE_RECORD,
@@ -74,8 +74,8 @@ from lookupc.memo_embed import (
     pair_distances,
     train_embedder,
 )
-from lookupc.memo_perf import LayerProfile, LayerTiming, format_plan, measure_timing, resolve_threshold
-from lookupc.memo_store import (
+from lookupc.memo.perf import LayerProfile, LayerTiming, format_plan, measure_timing, resolve_threshold
+from lookupc.memo.store import (
     BucketData,
     LengthGroup,
     MemoDatabaseError,
@@ -823,7 +823,7 @@ def memo_plan(db: MemoStore | str | os.PathLike, preset: str | float = "moderate
     """Per (layer, length) bucket: the eq. 3 figures at the threshold and whether it memoizes.
 
     Each row is :meth:`LayerProfile.decision` plus ``forced`` (chosen by ``layers`` rather
-    than eq. 3). ``lookupc.memo_perf.format_plan(rows, threshold)`` prints them.
+    than eq. 3). ``lookupc.memo.perf.format_plan(rows, threshold)`` prints them.
     """
     store = db if isinstance(db, MemoStore) else MemoStore.open(db)
     thr = resolve_threshold(preset if threshold is None else threshold)
@@ -854,7 +854,7 @@ def apply_memo(model: nn.Module, db: MemoStore | str | os.PathLike, preset: str 
         A database from ``build_memo_db`` for this model; a mismatched or damaged one raises
         ``MemoDatabaseError`` naming the problem.
     preset : {"conservative", "moderate", "aggressive"} or float
-        Threshold on the calibrated similarity (``lookupc.memo_perf.PRESETS``); ``1.0`` disables
+        Threshold on the calibrated similarity (``lookupc.memo.perf.PRESETS``); ``1.0`` disables
         every hit.
     layers : "auto", "all" or iterable of int
         "auto": only (layer, length) buckets whose eq. 3 saving at the threshold is positive,
@@ -866,7 +866,7 @@ def apply_memo(model: nn.Module, db: MemoStore | str | os.PathLike, preset: str 
         A record is used when its calibrated similarity minus an error margin clears the
         threshold; the margin is this quantile of (calibrated - true) similarity on the
         build's held-out near pairs, so about this fraction of hits truly clear it
-        (``lookupc.memo_calib.error_margin``). ``None``: no margin.
+        (``lookupc.memo.calib.error_margin``). ``None``: no margin.
     other_lengths : {"error", "original"}
         What a wrapped layer does with an input whose padded length the database was not
         built for: raise ``MemoDatabaseError`` (default) or run the original attention.

@@ -1,7 +1,7 @@
 """Kernel schedules by name: ``naive``, ``cpu`` (hand-written) and ``tuned`` (MetaSchedule).
 
 A schedule object has ``name``, ``fold`` (whether the hash takes the folded weight
-layout, see ``lookupc.tir_kernels``), ``applies_to(target)``, ``hash(func, shapes,
+layout, see ``lookupc.kernels.forward``), ``applies_to(target)``, ``hash(func, shapes,
 target)`` and ``gather(func, shapes, target)`` returning scheduled PrimFuncs, and
 ``cache_token()`` (extra text for build-cache keys). The source text of the file that
 defines a schedule is part of every cache key (:func:`source_token`), so editing a
@@ -46,13 +46,13 @@ def get_schedule(name: str, target: Any, tuning_db: str | None = None) -> Any:
     """
     name = ALIASES.get(name, name)
     if name == "naive":
-        from lookupc.schedules.naive import NaiveSchedule
+        from lookupc.schedules.cpu.naive import NaiveSchedule
         sched = NaiveSchedule()
     elif name == "cpu":
-        from lookupc.schedules.cpu import CpuSchedule
+        from lookupc.schedules.cpu.hand import CpuSchedule
         sched = CpuSchedule()
     elif name == "tuned":
-        from lookupc.schedules.tuned import TunedSchedule
+        from lookupc.schedules.cpu.tuned import TunedSchedule
         sched = TunedSchedule(tuning_db)
     else:
         raise LookupcInputError(f"unknown schedule {name!r}; available: {', '.join(_NAMES)}")

@@ -13,9 +13,9 @@ pytest.importorskip("tvm")
 from click.testing import CliRunner  # noqa: E402
 
 import lookupc  # noqa: E402
-from lookupc import artifact as art  # noqa: E402
-from lookupc.cli import cli  # noqa: E402
-from lookupc.model_io import export_program, load_model, save_inputs  # noqa: E402
+from lookupc.artifact import core as art  # noqa: E402
+from lookupc.artifact.model_io import export_program, load_model, save_inputs  # noqa: E402
+from lookupc.cli.main import cli  # noqa: E402
 from lookupc.targets import host_target, parse_target  # noqa: E402
 
 
@@ -223,7 +223,7 @@ def test_cli_refuses_a_tampered_artifact_in_one_line(compiled, tmp_path):
 def _wrong_gather(monkeypatch):
     """Kernels whose gather output is negated: what a miscompiled kernel looks like to a user
     (a constant offset would not do: the model's LayerNorm removes it)."""
-    from lookupc import kernels as K
+    from lookupc.runtime import cpu as K
 
     right = K.Kernels.gather
     monkeypatch.setattr(K.Kernels, "gather", lambda self, *a: -right(self, *a))
@@ -253,7 +253,7 @@ def test_compile_fails_when_the_kernels_disagree_with_the_reference(monkeypatch,
 
 
 def test_output_check_tolerance():
-    from lookupc.output_check import RTOL, compare_outputs
+    from lookupc.artifact.output_check import RTOL, compare_outputs
 
     ref = [torch.full((2, 3), 4.0)]
     assert compare_outputs([ref[0] + 1e-6], ref).ok

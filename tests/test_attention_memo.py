@@ -13,10 +13,10 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("faiss")
 
 from lookupc.errors import LookupcError  # noqa: E402
-from lookupc.memo_calib import SimilarityCalibration  # noqa: E402
-from lookupc.memo_embed import EmbedConfig  # noqa: E402
-from lookupc.memo_perf import LayerProfile, LayerTiming, format_plan  # noqa: E402
-from lookupc.memo_store import MemoDatabaseError, MemoStore, StoreWriter  # noqa: E402
+from lookupc.memo.calib import SimilarityCalibration  # noqa: E402
+from lookupc.memo.embed import EmbedConfig  # noqa: E402
+from lookupc.memo.perf import LayerProfile, LayerTiming, format_plan  # noqa: E402
+from lookupc.memo.store import MemoDatabaseError, MemoStore, StoreWriter  # noqa: E402
 from lookupc.passes import attention_memo as am  # noqa: E402
 
 L = 16
@@ -366,7 +366,7 @@ def test_alpha_is_measured_on_the_given_representative_queries(tmp_path):
 
 
 def test_timings_are_interleaved_medians():
-    from lookupc.memo_perf import measure_timing
+    from lookupc.memo.perf import measure_timing
 
     calls = []
     fns = [lambda k=k: calls.append(k) for k in "aho"]

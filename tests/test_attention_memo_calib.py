@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lookupc.errors import LookupcInputError
-from lookupc.memo_calib import (
+from lookupc.memo.calib import (
     SimilarityCalibration,
     calibration_table,
     error_margin,

@@ -72,7 +72,7 @@ def _write_vocab_model(path, seed=0):
 def test_cli_build_info_run_and_refusal(tmp_path):
     from click.testing import CliRunner
 
-    from lookupc.cli import cli
+    from lookupc.cli.main import cli
 
     words = _write_vocab_model(tmp_path / "bert")
     _write_vocab_model(tmp_path / "other", seed=5)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lookupc.errors import LookupcInputError
-from lookupc.memo_embed import (
+from lookupc.memo.embed import (
     ROLE_RECORD,
     ROLE_TRAIN,
     ROLE_VAL,

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from lookupc.calibration_text import read_sentences, tokenize, tokenizer_for
+from lookupc.distill.calibration_text import read_sentences, tokenize, tokenizer_for
 from lookupc.errors import LookupcInputError
 
 needs_minilm = pytest.mark.skipif(

@@ -9,9 +9,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lookupc.cli import cli
+from lookupc.artifact.model_io import flatten_outputs, load_inputs, load_model, save_inputs
+from lookupc.cli.main import cli
 from lookupc.errors import LookupcInputError
-from lookupc.model_io import flatten_outputs, load_inputs, load_model, save_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ def _run(*args, cwd=ROOT):
 
 
 def test_importing_the_cli_imports_neither_torch_nor_tvm():
-    code = ("import sys, lookupc.cli; "
+    code = ("import sys, lookupc.cli.main; "
             "bad = [m for m in ('torch', 'tvm', 'transformers', 'numpy') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 pytest.importorskip("tvm")
 
-from lookupc.cli import cli  # noqa: E402
+from lookupc.cli.main import cli  # noqa: E402
 
 
 def test_compare_writes_table_json_and_png(tmp_path):

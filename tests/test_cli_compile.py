@@ -10,9 +10,9 @@ from click.testing import CliRunner
 pytest.importorskip("tvm")
 
 import lookupc  # noqa: E402
-from lookupc.cli import cli  # noqa: E402
+from lookupc.artifact.model_io import export_program, load_model  # noqa: E402
+from lookupc.cli.main import cli  # noqa: E402
 from lookupc.errors import LookupcInputError  # noqa: E402
-from lookupc.model_io import export_program, load_model  # noqa: E402
 
 
 def _ok(args):

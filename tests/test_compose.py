@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import lookupc
+from lookupc.artifact.model_io import load_model
 from lookupc.compose import quantize_rest
-from lookupc.model_io import load_model
 
 
 def test_int8_rest_keeps_lookup_ffns_and_quantizes_the_other_linears():

@@ -1,4 +1,4 @@
-"""The CPU training kernels (``lookupc.cpu_training``, ``schedules/cpu_backward.py``).
+"""The CPU training kernels (``lookupc.runtime.cpu_training``, ``schedules/cpu/backward.py``).
 
 The TVM-built backward must give the reference gradients (``lookupc.reference``) for
 the hash (``g_x``, ``g_weight``, ``g_hash_bias``) and the gather (``g_scores``,
@@ -23,8 +23,8 @@ pytest.importorskip("tvm")
 import lookupc  # noqa: E402
 from lookupc import dispatch  # noqa: E402
 from lookupc import reference as ref  # noqa: E402
-from lookupc.cpu_training import CpuTrainingKernels, kernel_catalogue  # noqa: E402
-from lookupc.shapes import KernelShapes  # noqa: E402
+from lookupc.kernels.shapes import KernelShapes  # noqa: E402
+from lookupc.runtime.cpu_training import CpuTrainingKernels, kernel_catalogue  # noqa: E402
 
 RTOL = 1e-5
 DECAY = 0.7
@@ -168,9 +168,9 @@ def test_new_process_loads_kernels_from_disk(kernels):
 
 def test_every_schedule_matches_the_unscheduled_primfunc():
     """Each kernel in SCHEDULES, scheduled and not, on the same random inputs."""
-    from lookupc import tir_backward as tb
     from lookupc import tvm_shim
-    from lookupc.schedules import cpu_backward as cb
+    from lookupc.kernels import backward as tb
+    from lookupc.schedules.cpu import backward as cb
 
     tvm, tgt = tvm_shim.tvm, tvm_shim.make_target(None)
     h, rows, d, n, reps, nb, bs, tile, m = 6, 16, 24, 13, 2, 4, 8, 4, 3
@@ -245,7 +245,7 @@ def test_avx512_machine_code_has_no_gathers_or_masked_accesses(mcpu):
     also where bits per table are odd (scalar loops LLVM would otherwise auto-vectorise
     into masked gathers and scatters)."""
     from lookupc import tvm_shim
-    from lookupc.schedules.cpu_backward import codegen_target
+    from lookupc.schedules.cpu.backward import codegen_target
 
     target = tvm_shim.make_target({"kind": "llvm", "mcpu": mcpu})
     lanes = tvm_shim.vector_lanes(target)

@@ -13,9 +13,9 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
-from lookupc.cuda_kernels import TirTrainingKernels, cuda_source, kernel_catalogue  # noqa: E402
 from lookupc.errors import LookupcError  # noqa: E402
-from lookupc.kernels import KernelShapes  # noqa: E402
+from lookupc.runtime.cpu import KernelShapes  # noqa: E402
+from lookupc.runtime.cuda import TirTrainingKernels, cuda_source, kernel_catalogue  # noqa: E402
 
 ARCHES = ("sm_80", "sm_90")
 # Small shapes with two repeats; the paper config is checked for resource limits below.
@@ -104,7 +104,7 @@ def test_bad_arch_is_rejected():
 def _ptx(src: str, arch: str) -> str:
     from tvm.support import nvcc
 
-    from lookupc.schedules.cuda_util import cuda_target
+    from lookupc.schedules.cuda.util import cuda_target
 
     with cuda_target(arch):
         ptx = nvcc.compile_cuda(src, target_format="ptx", arch=arch, compiler="nvcc")

@@ -28,8 +28,8 @@ from safetensors.torch import load_file, save_file
 from two_block_net import Net
 
 import lookupc
-from lookupc.distill_model import finetune_model
-from lookupc.distributed import shard_item
+from lookupc.distill.distributed import shard_item
+from lookupc.distill.model import finetune_model
 
 CFG = lookupc.LookupConfig(tables=16, bits=4, block_size=8)
 KW = dict(steps=12, lr=1e-2, hash_lr=1e-3, rest_lr=1e-3, evals=3, progress=False,
@@ -124,7 +124,7 @@ def _finetune_job(teacher, student, items, kwargs, kill_at=-1, rank_items=None):
     forward saw and how many checkpoint writes this rank made."""
 
     def job(rank):
-        import lookupc.distill_model as dm
+        import lookupc.distill.model as dm
 
         saves, rows, losses = [], [], []
         real_save = dm.save_checkpoint
@@ -229,7 +229,7 @@ def test_rank_0_alone_writes_the_checkpoint_and_two_processes_resume(tmp_path):
 @pytest.mark.slow
 def test_the_cli_under_torchrun_matches_one_process(tmp_path):
     """The README's command: `python -m torch.distributed.run --nproc-per-node 2 -m
-    lookupc.cli convert ...` gives the trained state of the 1-process command (~60 s)."""
+    lookupc.cli.main convert ...` gives the trained state of the 1-process command (~60 s)."""
     root = Path(__file__).resolve().parents[1]
     args = ["-m", "lookupc.cli", "convert", "examples.tiny_bert:factory", "--init", "distill",
             "--distill-option", "hash_steps=5", "--distill-option", "finetune_steps=0",
@@ -307,7 +307,7 @@ def test_shard_item_splits_the_batch_dimension_only():
 def test_cli_ranks_other_than_0_print_and_write_nothing(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from lookupc.cli import cli
+    from lookupc.cli.main import cli
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")

@@ -8,8 +8,8 @@ import torch
 from two_block_net import Net
 
 import lookupc
-from lookupc.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from lookupc.distill_model import finetune_model
+from lookupc.distill.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from lookupc.distill.model import finetune_model
 from lookupc.errors import LookupcInputError
 
 CFG = lookupc.LookupConfig(tables=16, bits=4, block_size=8)

@@ -5,7 +5,7 @@ import json
 
 from click.testing import CliRunner
 
-from lookupc.cli import cli
+from lookupc.cli.main import cli
 
 
 def test_doctor_without_bench(tmp_path):

@@ -365,7 +365,7 @@ def test_init_distill_calls_distill_conversion(x, monkeypatch):
     import types
 
     calls = []
-    fake = types.ModuleType("lookupc.distill")
+    fake = types.ModuleType("lookupc.distill.layer")
 
     def distill_conversion(result, model, calibration, **options):
         calls.append((model, calibration, options))
@@ -373,7 +373,7 @@ def test_init_distill_calls_distill_conversion(x, monkeypatch):
             m.rel_error = 0.5
 
     fake.distill_conversion = distill_conversion
-    monkeypatch.setitem(sys.modules, "lookupc.distill", fake)
+    monkeypatch.setitem(sys.modules, "lookupc.distill.layer", fake)
     model, calib = tm.ModuleFFN(), [(x,)]
     result = lookupc.convert(model, (x,), init="distill", calibration=calib,
                              distill_options={"steps": 3})
@@ -382,7 +382,7 @@ def test_init_distill_calls_distill_conversion(x, monkeypatch):
 
 
 def test_init_distill_without_module_is_a_clear_error(x, monkeypatch):
-    monkeypatch.setitem(sys.modules, "lookupc.distill", None)
+    monkeypatch.setitem(sys.modules, "lookupc.distill.layer", None)
     with pytest.raises(lookupc.LookupcError, match="distill_conversion"):
         lookupc.convert(tm.ModuleFFN(), (x,), init="distill", calibration=[(x,)])
 

@@ -25,9 +25,13 @@ def package_dirs() -> dict[str, Path]:
 def modules() -> dict[str, Path]:
     out = {}
     for pkg, folder in package_dirs().items():
-        for path in folder.glob("*.py"):
-            name = pkg if path.stem == "__init__" else f"{pkg}.{path.stem}"
-            out[name] = path
+        for path in folder.rglob("*.py"):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            name = ".".join([pkg, *parts])
+            if name not in out or path.parent == folder:  # a package-dir entry wins
+                out[name] = path
     return out
 
 
@@ -58,8 +62,8 @@ def import_graph() -> nx.DiGraph:
 
 def test_the_graph_sees_the_real_imports():
     graph = import_graph()
-    assert graph.has_edge("lookupc.kernels", "lookupc.shapes")
-    assert graph.has_edge("lookupc.tir_kernels", "lookupc.shapes")
+    assert graph.has_edge("lookupc.runtime.cpu", "lookupc.kernels.shapes")
+    assert graph.has_edge("lookupc.kernels.forward", "lookupc.kernels.shapes")
     assert graph.has_edge("lookupc.passes.api", "lookupc.config")
     assert graph.number_of_nodes() > 40
 
@@ -74,4 +78,34 @@ def test_passes_and_schedules_do_not_import_each_other():
     bad = [(a, b) for a, b in graph.edges
            if {a.split(".")[1:2][0] if "." in a else "", b.split(".")[1:2][0] if "." in b else ""}
            == {"passes", "schedules"}]
+    assert not bad, bad
+
+
+# The pipeline, upstream first: a stage may import the stages before it (and the core
+# modules directly under lookupc/), never one after it.
+PIPELINE = ["kernels", "schedules", "runtime", "passes|distill|memo", "artifact", "cli"]
+
+
+def _stage(module: str) -> int | None:
+    parts = module.split(".")
+    if len(parts) < 3:  # lookupc.config, lookupc.dispatch, ...: the core every stage uses
+        return None
+    for i, names in enumerate(PIPELINE):
+        if parts[1] in names.split("|"):
+            return i
+    return None
+
+
+def test_the_pipeline_imports_only_upstream():
+    graph = import_graph()
+    bad = [(a, b) for a, b in graph.edges
+           if _stage(a) is not None and _stage(b) is not None and _stage(b) > _stage(a)
+           and not (a.startswith("lookupc.passes") and b.startswith("lookupc.artifact.st_format"))]
+    assert not bad, "imports against the pipeline: " + ", ".join(f"{a} -> {b}" for a, b in bad)
+
+
+def test_nothing_but_the_cli_imports_the_cli():
+    graph = import_graph()
+    bad = [(a, b) for a, b in graph.edges
+           if b.startswith("lookupc.cli") and not a.startswith("lookupc.cli")]
     assert not bad, bad

@@ -17,8 +17,8 @@ import pytest
 import torch
 from test_kernels import check_hash, make_ffn
 
-from lookupc import kernels as K
 from lookupc import targets, tvm_shim
+from lookupc.runtime import cpu as K
 from lookupc.schedules.registry import get_schedule
 
 TARGETS = {

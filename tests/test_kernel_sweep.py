@@ -30,10 +30,10 @@ import pytest
 import torch
 
 import lookupc
-from lookupc import kernels as K
 from lookupc import tvm_shim
 from lookupc.config import num_repeats, padded_width
-from lookupc.schedules.cpu import TOKEN_TILE, CpuSchedule
+from lookupc.runtime import cpu as K
+from lookupc.schedules.cpu.hand import TOKEN_TILE, CpuSchedule
 
 DEFAULT_CASES = 8
 SLOW_CASES = 40

@@ -1,4 +1,4 @@
-"""TVM kernels (lookupc.kernels / tir_kernels / schedules) against the PyTorch reference.
+"""TVM kernels (lookupc.runtime.cpu / tir_kernels / schedules) against the PyTorch reference.
 
 Tolerances: codes must equal the float64 reference exactly for every table whose soft
 code z has no coordinate within 1e-4 of zero (|z| is O(1) here and the float32 kernels
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import lookupc
-from lookupc import kernels as K
 from lookupc import reference as ref
+from lookupc.runtime import cpu as K
 
 # (d_in, d_out, tables, bits, block): d_in not a power of two, d_out != d_in, tau 1/4/8,
 # two repeats (A), a single block per round (C).

@@ -10,8 +10,8 @@ import pytest
 import torch
 from test_kernels import check_hash, make_ffn, ref
 
-from lookupc import kernels as K
 from lookupc import tvm_shim
+from lookupc.runtime import cpu as K
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +44,7 @@ def test_tuned_without_records_falls_back_to_hand_knobs(tmp_path):
 def test_tuning_database_written_reloaded_and_used_without_retuning(tmp_path, monkeypatch):
     from tvm.s_tir import meta_schedule as ms
 
-    from lookupc.schedules import tuned
+    from lookupc.schedules.cpu import tuned
 
     m = make_ffn("A")
     shapes = K.KernelShapes.of(m)

@@ -20,9 +20,9 @@ from click.testing import CliRunner
 pytest.importorskip("cryptography")
 
 import lookupc  # noqa: E402
-from lookupc import artifact as art  # noqa: E402
-from lookupc import signing  # noqa: E402
-from lookupc.cli import cli  # noqa: E402
+from lookupc.artifact import core as art  # noqa: E402
+from lookupc.artifact import signing  # noqa: E402
+from lookupc.cli.main import cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")

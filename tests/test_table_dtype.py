@@ -74,7 +74,7 @@ def test_reference_gather_matches_numpy(dtype, n):
 
 def _schedules():
     pytest.importorskip("tvm")
-    from lookupc.schedules.cpu import CpuSchedule, GatherKnobs
+    from lookupc.schedules.cpu.hand import CpuSchedule, GatherKnobs
 
     return {"naive": "naive", "cpu": "cpu", "tuned": "tuned",
             "cpu-table-outer": CpuSchedule(gather_knobs=GatherKnobs(cols=0)),
@@ -87,7 +87,7 @@ def _schedules():
 @pytest.mark.parametrize("n", [1, 13, 64])
 @pytest.mark.parametrize("sizes", [(8, 4, 48), (16, 1, 40), (4, 8, 16)])
 def test_every_schedule_matches_numpy(dtype, n, sizes):
-    from lookupc import kernels
+    from lookupc.runtime import cpu as kernels
 
     h, bits, d_out = sizes
     codes, scores, q, scale, bias, want = _case(h, bits, d_out, n, dtype, seed=n)
@@ -156,7 +156,7 @@ def test_bad_input_is_a_clear_error():
     out = m(torch.randn(3, 16)).sum()
     with pytest.raises(LookupcError, match="Train .*with table_dtype='float32'"):
         out.backward()
-    from lookupc.distill import fit_lookup_ffn
+    from lookupc.distill.layer import fit_lookup_ffn
 
     with pytest.raises(LookupcInputError, match="needs float32 tables"):
         fit_lookup_ffn(m, torch.randn(20, 16), torch.randn(20, 8))
@@ -195,7 +195,7 @@ def test_int8_tables_export_compile_and_run(tmp_path):
     pytest.importorskip("tvm")
     from click.testing import CliRunner
 
-    from lookupc.cli import cli
+    from lookupc.cli.main import cli
 
     out = tmp_path / "tiny_int8.lookupc"
     r = CliRunner().invoke(cli, ["compile", "examples.tiny_bert:factory", "-o", str(out),

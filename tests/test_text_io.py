@@ -25,12 +25,12 @@ pytest.importorskip("transformers")
 
 import lookupc  # noqa: E402
 from lookupc import dispatch  # noqa: E402
-from lookupc.artifact import ArtifactError, verify  # noqa: E402
-from lookupc.cli import cli  # noqa: E402
+from lookupc.artifact.core import ArtifactError, verify  # noqa: E402
+from lookupc.artifact.model_io import load_model  # noqa: E402
+from lookupc.artifact.st_format import pooling_from_config, read_st_dir  # noqa: E402
+from lookupc.artifact.text_io import TextTruncatedWarning, pool  # noqa: E402
+from lookupc.cli.main import cli  # noqa: E402
 from lookupc.errors import LookupcInputError  # noqa: E402
-from lookupc.model_io import load_model  # noqa: E402
-from lookupc.st_format import pooling_from_config, read_st_dir  # noqa: E402
-from lookupc.text_io import TextTruncatedWarning, pool  # noqa: E402
 
 ATOL = 1e-5
 WORDS = ("the a of and to in is it that was for on are as with his they at be this from "
@@ -110,7 +110,7 @@ def _reference_embeddings(model_dir, sentences, *, seq_len=8, config=None, norma
                           max_length=None):
     """The CLI's seeded conversion redone in PyTorch (reference ops), then a hand-written
     mean pooling over the attention mask and L2 normalisation."""
-    from lookupc.calibration_text import tokenizer_for
+    from lookupc.distill.calibration_text import tokenizer_for
 
     loaded = load_model(str(model_dir), seq_len=seq_len)
     torch.manual_seed(0)
@@ -221,7 +221,7 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_refused(tmp_path):
 
 def _without_tokenizer(src: Path, dst: Path) -> Path:
     """A copy of artifact ``src`` as lookupc writes one for a model without tokenizer files."""
-    from lookupc.artifact import _manifest_digest
+    from lookupc.artifact.core import _manifest_digest
 
     shutil.copytree(src, dst)
     shutil.rmtree(dst / "tokenizer")
@@ -309,8 +309,8 @@ class _FakeArtifact:
 
 
 def test_static_shapes_pad_to_the_compiled_batch_and_length(tiny_st):
-    from lookupc.calibration_text import tokenizer_for
-    from lookupc.text_io import encode
+    from lookupc.artifact.text_io import encode
+    from lookupc.distill.calibration_text import tokenizer_for
 
     tok = tokenizer_for(None, str(tiny_st))
     fake = _FakeArtifact(tok)
@@ -410,7 +410,7 @@ def test_minilm_encode_equals_sentence_transformers(minilm_artifact, tmp_path):
         got = lookupc.load(minilm_artifact).encode(MINILM_TEXTS, batch_size=3)
     np.testing.assert_allclose(got, want, atol=ATOL)
     # the converted SentenceTransformer saves as a directory lookupc compiles
-    from lookupc.st_export import save
+    from lookupc.artifact.st_export import save
 
     out = save(result, tmp_path / "st_api")
     loaded = load_model(str(out))

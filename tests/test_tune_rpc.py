@@ -20,9 +20,9 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from lookupc import kernels as K
 from lookupc.errors import LookupcError, LookupcInputError
-from lookupc.schedules import tuned
+from lookupc.runtime import cpu as K
+from lookupc.schedules.cpu import tuned
 
 SHAPES = K.KernelShapes(64, 64, 16, 4, 16, 1)  # the smallest gather worth tuning
 
@@ -150,7 +150,7 @@ def test_tracker_without_a_server_for_the_key():
 
 
 def test_cli_rpc_needs_key_and_reports_a_silent_tracker(silent_tracker, tmp_path, no_tuning):
-    from lookupc.cli import cli
+    from lookupc.cli.main import cli
 
     base = ["tune", "--config", "64x256", "--db", str(tmp_path / "db"), "--trials", "2",
             "--cost-model", "random"]

@@ -1,0 +1,5 @@
+"""``python -m lookupc.cli``: the ``lookupc`` command."""
+
+from .main import main
+
+main()
