@@ -13,10 +13,11 @@ initialised here: this measures speed only (quality: ``bench/minilm_quality.py``
 Method: variants interleaved over ``--repeats`` rounds after one warm-up; median ms,
 tokens/s, ``speedup_vs_fp32`` and ``speedup_vs_best_dense`` (the fastest of fp32 / bf16 /
 int8-dynamic / compile in the same run). ``lookupc-...+int8rest`` rows compose lookupc with
-dynamic int8 for the rest of the model (``lookupc.compose.quantize_rest``, eager PyTorch
-with the same kernels) and record the cosine of their pooled outputs against the fp32-rest
-lookupc model. Each ``--threads`` value runs in its own process
-(TVM's thread pool is sized once per process). The JSON records the CPU and its ISA.
+dynamic int8 for the rest of the model: the same artifact loaded with
+``lookupc.load(path, rest_dtype="int8")`` (what ``lookupc compile --rest-dtype int8``
+records), with the cosine of their pooled outputs against the fp32-rest artifact. Each
+``--threads`` value runs in its own process (TVM's thread pool is sized once per process).
+The JSON records the CPU and its ISA.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def build_artifact(model, example, lookup: str, schedule: str, out_dir: str,
                    table_dtype: str = "float32"):
     """``lookupc compile`` through the API, then ``lookupc.load`` of what it wrote."""
     import lookupc
-    from lookupc.artifact.core import compile_artifact
+    from lookupc.artifact.compile import compile_artifact
     from lookupc.artifact.model_io import LoadedModel
     from lookupc.targets import host_target
 
@@ -70,17 +71,7 @@ def build_artifact(model, example, lookup: str, schedule: str, out_dir: str,
     path = os.path.join(out_dir, f"{lookup}-{schedule}-{table_dtype}.lookupc")
     compile_artifact(result, loaded, host_target(), path, schedule=schedule, overwrite=True)
     report = result.report
-    return lookupc.load(path), report.flops_before, report.flops_after, result.module
-
-
-def _eager(module, schedule: str):
-    """The converted module in eager PyTorch with the lookupc ops on ``schedule``'s kernels."""
-    import lookupc
-
-    def run(*inputs):
-        with lookupc.set_schedule(schedule):
-            return module(*inputs)
-    return run
+    return path, report.flops_before, report.flops_after
 
 
 def _pooled(out):
@@ -93,8 +84,8 @@ def run_model(name: str, sizes, lookups, schedules, repeats: int, compile_dense:
               rest_int8: bool = True, table_dtypes=("float32",)) -> list:
     import torch
 
+    import lookupc
     from lookupc import baselines
-    from lookupc.compose import quantize_rest
 
     model, vocab = load(name)
     gen = torch.Generator().manual_seed(0)
@@ -110,16 +101,14 @@ def run_model(name: str, sizes, lookups, schedules, repeats: int, compile_dense:
             for sched in schedules:
                 for dtype in table_dtypes:
                     t0 = time.perf_counter()
-                    art, before, after, converted = build_artifact(model, example, lk, sched,
-                                                                   tmp, dtype)
+                    path, before, after = build_artifact(model, example, lk, sched, tmp, dtype)
                     tag = f"lookupc-{lk}-{sched}" + ("" if dtype == "float32" else f"-{dtype}")
                     print(f"  {name}: built {tag} in {time.perf_counter() - t0:.0f} s "
                           f"(FFN FLOPs {before / after:.2f}x fewer)", file=sys.stderr)
-                    lookup_variants[tag] = (art, before / after)
+                    lookup_variants[tag] = (lookupc.load(path), before / after)
                     if rest_int8:  # composed: the rest of the model in dynamic int8
-                        mixed = quantize_rest(converted, "int8")
-                        lookup_variants[f"{tag}+int8rest"] = (_eager(mixed, sched),
-                                                              before / after)
+                        lookup_variants[f"{tag}+int8rest"] = (
+                            lookupc.load(path, rest_dtype="int8"), before / after)
         for note in notes:
             print(f"  note: {note}", file=sys.stderr)
         for size in sizes:

@@ -220,14 +220,15 @@ def pruned_dense_row(ctx: Ctx, keep: int, max_tokens: int) -> dict:
     """Baseline: every dense FFN pruned to its ``keep`` most important hidden units.
 
     Importance of hidden unit j: ``||W2[:, j]|| * std(GELU(u_j))`` on the calibration
-    tokens (``lookupc.distill.layer.hidden_unit_order``, the ranking the "hidden" hash uses); W2
+    tokens (``lookupc.distill.hash_fit.hidden_unit_order``, the ranking the "hidden" hash uses); W2
     and b2 are refitted by ridge least squares to the full FFN's outputs on those tokens.
     """
     import copy
 
     import torch.nn.functional as F
 
-    from lookupc.distill.layer import capture_inputs, hidden_unit_order
+    from lookupc.distill.calibration import capture_inputs
+    from lookupc.distill.hash_fit import hidden_unit_order
 
     t0 = time.perf_counter()
     model = ctx.model

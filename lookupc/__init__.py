@@ -31,7 +31,7 @@ _EXPORTS = {
     "find_ffns": "lookupc.passes.api",
     "convert": "lookupc.passes.api",
     "ConversionResult": "lookupc.passes.api",
-    "load": "lookupc.artifact.core",
+    "load": "lookupc.artifact.load",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
+from .errors import LookupcInputError
+
 __all__ = ["LookupConfig", "padded_width", "num_repeats", "lookup_flops", "table_bytes",
            "cheaper_configs", "SizeOverride", "TABLE_DTYPES"]
 
@@ -27,7 +29,7 @@ def _is_pow2(n: int) -> bool:
 def padded_width(d_in: int) -> int:
     """Smallest power of two >= ``d_in`` (the width BH4 works on)."""
     if not isinstance(d_in, int) or d_in < 1:
-        raise ValueError(f"d_in must be a positive int, got {d_in!r}")
+        raise LookupcInputError(f"d_in must be a positive int, got {d_in!r}")
     return 1 << (d_in - 1).bit_length()
 
 
@@ -71,17 +73,15 @@ class LookupConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.tables, int) or isinstance(self.tables, bool) or self.tables < 1:
-            raise ValueError(f"LookupConfig.tables must be an int >= 1, got {self.tables!r}")
+            raise LookupcInputError(f"LookupConfig.tables must be an int >= 1, got {self.tables!r}")
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 1 <= self.bits <= 16:
-            raise ValueError(f"LookupConfig.bits must be an int in 1..16, got {self.bits!r}")
+            raise LookupcInputError(f"LookupConfig.bits must be an int in 1..16, got {self.bits!r}")
         if not _is_pow2(self.block_size) or isinstance(self.block_size, bool):
-            raise ValueError(
+            raise LookupcInputError(
                 f"LookupConfig.block_size must be a power of two, got {self.block_size!r}")
         if not isinstance(self.decay, (int, float)) or not 0.0 <= float(self.decay) <= 1.0:
-            raise ValueError(f"LookupConfig.decay must be a float in [0, 1], got {self.decay!r}")
+            raise LookupcInputError(f"LookupConfig.decay must be a float in [0, 1], got {self.decay!r}")
         if self.table_dtype not in TABLE_DTYPES:
-            from .errors import LookupcInputError
-
             raise LookupcInputError(
                 f"LookupConfig.table_dtype must be one of {', '.join(TABLE_DTYPES)}, got "
                 f"{self.table_dtype!r}")
@@ -105,7 +105,7 @@ class LookupConfig:
         """Raise ``ValueError`` if this config cannot serve an input of width ``d_in``."""
         width = padded_width(d_in)
         if self.block_size > width:
-            raise ValueError(
+            raise LookupcInputError(
                 f"LookupConfig.block_size={self.block_size} is larger than the padded input "
                 f"width {width} (d_in={d_in})")
 
@@ -121,7 +121,7 @@ class LookupConfig:
         LookupConfig(tables=128, bits=8, block_size=64, decay=0.7)
         """
         if d_hidden < 1:
-            raise ValueError(f"d_hidden must be >= 1, got {d_hidden!r}")
+            raise LookupcInputError(f"d_hidden must be >= 1, got {d_hidden!r}")
         tables = max(1, d_hidden // 16)
         return cls(tables=tables, bits=8, block_size=min(64, padded_width(d_in)))
 
@@ -140,7 +140,7 @@ class LookupConfig:
         LookupConfig(tables=512, bits=1, block_size=32, decay=0.7)
         """
         if d_hidden < 1:
-            raise ValueError(f"d_hidden must be >= 1, got {d_hidden!r}")
+            raise LookupcInputError(f"d_hidden must be >= 1, got {d_hidden!r}")
         width = padded_width(d_in)
         return cls(tables=width, bits=1, block_size=min(32, width))
 

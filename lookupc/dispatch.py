@@ -1,14 +1,10 @@
 """Which implementation the ``lookupc`` custom ops run: the PyTorch reference or compiled kernels.
 
-A *kernel provider* is an object with two methods that work on 2-D contiguous tensors::
-
-    provider.hash(x, weight, hash_bias, decay, bits)   -> (codes int32 [N, h], scores [N, h])
-    provider.gather(codes, scores, tables, bias)       -> y [N, d_out]
-
-and a ``supports(device: torch.device, dtype: torch.dtype) -> bool`` method. It may also
-have ``hash_backward(grad_scores, x, weight, hash_bias, decay, bits) -> (g_x, g_w, g_b)``
-and ``gather_backward(grad_y, codes, scores, tables) -> (g_scores, g_tables)``; where
-it does not, the backward ops use the reference math.
+A *kernel provider* implements :class:`KernelProvider` (a ``typing.Protocol``): ``name``,
+``supports(device, dtype)``, and ``hash``/``gather`` on 2-D contiguous tensors. It may
+also implement the optional methods of :class:`TrainingKernelProvider`
+(``hash_backward``, ``gather_backward``) and :class:`QuantizedGatherProvider`
+(``gather_quantized``); where it does not, those ops run the reference math.
 
 Providers register by schedule name (``register_provider``); ``"reference"`` is always
 there. The schedule in use is chosen with :func:`set_schedule` (a setter that also
@@ -22,15 +18,55 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
+from torch import Tensor
 
 from . import reference as ref
-from .errors import LookupcError
+from .errors import LookupcError, LookupcInputError
 
 __all__ = ["set_schedule", "current_schedule", "register_provider", "available_schedules",
-           "provider_for"]
+           "provider_for", "KernelProvider", "TrainingKernelProvider", "QuantizedGatherProvider"]
+
+
+@runtime_checkable
+class KernelProvider(Protocol):
+    """What every provider implements (tensors 2-D and contiguous; ``N`` tokens)."""
+
+    name: str
+
+    def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether it runs tensors of ``device``/``dtype``."""
+
+    def hash(self, x: Tensor, weight: Tensor, hash_bias: Tensor, decay: float,
+             bits: int) -> tuple[Tensor, Tensor]:
+        """``x`` [N, d_in] -> (codes int32 [N, h], scores [N, h])."""
+
+    def gather(self, codes: Tensor, scores: Tensor, tables: Tensor, bias: Tensor) -> Tensor:
+        """Weighted sum of table rows: -> y [N, d_out]."""
+
+
+@runtime_checkable
+class TrainingKernelProvider(KernelProvider, Protocol):
+    """A provider whose kernels also run the backward ops."""
+
+    def hash_backward(self, grad_scores: Tensor, x: Tensor, weight: Tensor, hash_bias: Tensor,
+                      decay: float, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+        """-> (grad_x, grad_weight, grad_hash_bias)."""
+
+    def gather_backward(self, grad_y: Tensor, codes: Tensor, scores: Tensor,
+                        tables: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (grad_scores, grad_tables)."""
+
+
+@runtime_checkable
+class QuantizedGatherProvider(KernelProvider, Protocol):
+    """A provider with a gather over bfloat16 / int8 tables (``LookupConfig.table_dtype``)."""
+
+    def gather_quantized(self, codes: Tensor, scores: Tensor, tables: Tensor,
+                         scale: Tensor | None, bias: Tensor) -> Tensor:
+        """Like ``gather``; int8 ``tables`` come with one float32 ``scale`` per row."""
 
 
 class _ReferenceProvider:
@@ -50,15 +86,15 @@ class _ReferenceProvider:
 
 _REFERENCE = _ReferenceProvider()
 # name -> zero-argument factory returning a provider; created lazily (TVM imports are slow).
-_FACTORIES: dict[str, Callable[[], object]] = {"reference": lambda: _REFERENCE,
+_FACTORIES: dict[str, Callable[[], KernelProvider]] = {"reference": lambda: _REFERENCE,
                                                "auto": lambda: _REFERENCE}
 _ALIASES = {"hand": "cpu", "ref": "reference", "torch": "reference"}
-_INSTANCES: dict[str, object] = {"reference": _REFERENCE}
+_INSTANCES: dict[str, KernelProvider] = {"reference": _REFERENCE}
 _state = threading.local()
 _default = ["auto"]
 
 
-def register_provider(name: str, factory: Callable[[], object]) -> None:
+def register_provider(name: str, factory: Callable[[], KernelProvider]) -> None:
     """Register ``factory`` (called once, lazily) as the provider for schedule ``name``."""
     _FACTORIES[name] = factory
     _INSTANCES.pop(name, None)
@@ -73,7 +109,7 @@ def _canonical(name: str) -> str:
     _load_builtin_providers()
     name = _ALIASES.get(name, name)
     if name not in _FACTORIES:
-        raise ValueError(
+        raise LookupcInputError(
             f"unknown schedule {name!r}; available: {', '.join(sorted(_FACTORIES))}")
     return name
 
@@ -110,7 +146,7 @@ def set_schedule(name: str) -> _ScheduleSetting:
     return setting
 
 
-def provider_for(device: torch.device, dtype: torch.dtype):
+def provider_for(device: torch.device, dtype: torch.dtype) -> KernelProvider:
     """The provider that runs the ops on tensors of ``device``/``dtype`` (see module doc)."""
     name = current_schedule()
     if name == "auto":
@@ -123,7 +159,12 @@ def provider_for(device: torch.device, dtype: torch.dtype):
         if name not in _FACTORIES:
             raise LookupcError(f"no {name!r} kernels are available for {device} tensors "
                                f"(available: {', '.join(sorted(_FACTORIES))})")
-        provider = _INSTANCES[name] = _FACTORIES[name]()
+        provider = _FACTORIES[name]()
+        if not isinstance(provider, KernelProvider):
+            missing = [m for m in ("name", "supports", "hash", "gather") if not hasattr(provider, m)]
+            raise LookupcError(f"the provider registered as {name!r} ({type(provider).__name__}) "
+                               f"is not a KernelProvider: it lacks {', '.join(missing)}")
+        _INSTANCES[name] = provider
     if provider.supports(device, dtype):
         return provider
     if device.type == "cpu":

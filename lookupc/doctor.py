@@ -128,7 +128,7 @@ def _bench(seconds: float) -> dict:
 
 def _artifact(path: str) -> dict:
     from .artifact import signing
-    from .artifact.core import ArtifactError, verify
+    from .artifact.format import ArtifactError, verify
     from .targets import TargetSpec, can_execute, host_target
 
     out: dict = {"path": path}

@@ -44,9 +44,9 @@ class LookupFFN(nn.Module):
     def __init__(self, d_in: int, d_out: int, config: LookupConfig | None = None):
         super().__init__()
         if not isinstance(d_in, int) or d_in < 1:
-            raise ValueError(f"LookupFFN.d_in must be a positive int, got {d_in!r}")
+            raise LookupcInputError(f"LookupFFN.d_in must be a positive int, got {d_in!r}")
         if not isinstance(d_out, int) or d_out < 1:
-            raise ValueError(f"LookupFFN.d_out must be a positive int, got {d_out!r}")
+            raise LookupcInputError(f"LookupFFN.d_out must be a positive int, got {d_out!r}")
         config = config or LookupConfig.for_ffn(d_in, 4 * d_in, d_out)
         config.check_for(d_in)
         self.d_in, self.d_out, self.config = d_in, d_out, config

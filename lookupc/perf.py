@@ -1,12 +1,15 @@
 """The timing harness that ``bench/ffn.py`` and ``lookupc compare`` share (an FFN, its
 one-line dense alternatives and the LookupFFN kernels, interleaved in one run).
 
-See ``bench/ffn.py`` for the method and the row fields. Part of the package (not of the
-checkout's ``bench/``) so that ``lookupc compare`` works from an installed wheel.
+See ``bench/ffn.py`` for the method and the row fields. The end of the module serves
+``lookupc compare`` (config names, machine facts, the JSON report and the PNG) and the
+timing loop of ``lookupc run``. Part of the package (not of the checkout's ``bench/``)
+so that ``lookupc compare`` works from an installed wheel.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import sys
@@ -22,7 +25,8 @@ from lookupc.config import TABLE_DTYPES  # names -> bytes per element (re-export
 from lookupc.schedules.registry import schedule_names
 
 __all__ = ["CONFIGS", "SCHEDULES", "TABLE_DTYPES", "cpu_name", "read_bandwidth", "dense_ffn", "run_config",
-           "print_table"]
+           "print_table", "resolve_config", "kernel_shapes", "time_calls", "machine_facts",
+           "compare_report", "plot_rows"]
 
 CONFIGS = {
     # name: (d_model, d_hidden, LookupConfig)
@@ -237,3 +241,100 @@ def print_table(rows) -> None:
     best = {r["config"]: r["best_dense"] for r in rows}
     print("x best = fastest dense variant of the run / row: "
           + ", ".join(f"{c}: {b}" for c, b in best.items()))
+
+
+# --- lookupc compare / lookupc tune --config ----------------------------------------------------
+
+def resolve_config(name: str, config=None):
+    """``(d_model, d_hidden, LookupConfig)`` of a :data:`CONFIGS` name or of ``DxH``
+    (d_model x d_hidden), with ``config`` (a LookupConfig or a SizeOverride) over the
+    sizes; registered in :data:`CONFIGS` under ``name`` for :func:`run_config`."""
+    from lookupc.config import LookupConfig
+    from lookupc.errors import LookupcInputError
+
+    if name in CONFIGS and config is None:
+        return CONFIGS[name]
+    if name in CONFIGS:
+        d, hidden, _ = CONFIGS[name]
+    else:
+        parts = name.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise LookupcInputError(f"unknown --config {name!r}; use one of {', '.join(CONFIGS)} "
+                                    f"or DxH for a d_model x d_hidden FFN (e.g. 128x512)")
+        d, hidden = map(int, parts)
+    if config is None:
+        config = LookupConfig.for_ffn(d, hidden, d)
+    elif not isinstance(config, LookupConfig):  # a SizeOverride from --tables/--bits/...
+        config = config.for_ffn(d, hidden, d)
+    config.check_for(d)
+    CONFIGS[name] = (d, hidden, config)
+    return CONFIGS[name]
+
+
+def kernel_shapes(name: str, config=None):
+    """The :class:`~lookupc.runtime.cpu.KernelShapes` of a config name or ``DxH``
+    (:func:`resolve_config`)."""
+    from lookupc.runtime.cpu import KernelShapes
+
+    d, _, cfg = resolve_config(name, config)
+    return KernelShapes.for_config(d, d, cfg)
+
+
+def time_calls(fn, repeat: int) -> list[float]:
+    """Seconds of ``repeat`` calls of ``fn`` (each timed alone)."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def machine_facts(threads: int) -> dict:
+    """CPU, thread count, versions and load of this machine, for a timing report."""
+    from lookupc import tvm_shim
+
+    return {"cpu": cpu_name(), "llvm_mcpu": tvm_shim.llvm_get_system_cpu(),
+            "threads": threads, "torch": torch.__version__, "tvm": tvm_shim.tvm_version(),
+            "load_avg_1m": os.getloadavg()[0]}
+
+
+def compare_report(rows: list[dict], machine: dict, bw_l3: float, configs, tuning_db) -> dict:
+    """What ``lookupc compare --json`` writes: the machine, the bandwidth bound, the
+    configs timed and the rows of :func:`run_config`."""
+    return {"machine": machine, "bandwidth_gbs": {"l3_sized_8MiB": bw_l3},
+            "configs": {n: {"d_model": CONFIGS[n][0], "d_hidden": CONFIGS[n][1],
+                            **CONFIGS[n][2].to_dict()} for n in configs},
+            "tuning_db": tuning_db, "rows": rows}
+
+
+def plot_rows(rows: list[dict], path: str, machine: dict) -> None:
+    """A bar chart (PNG) of the median times of :func:`run_config` rows, one panel per
+    config, each bar labelled with its speed-up over the dense FFN (needs matplotlib)."""
+    from lookupc.extras import require
+
+    matplotlib = require("matplotlib", "lookupc compare --plot")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    fig, axes = plt.subplots(1, len(configs), figsize=(4.5 * len(configs), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], configs):
+        sub = [r for r in rows if r["config"] == name]
+        labels = [r["variant"] for r in sub]
+        bars = ax.barh(labels, [r["ms_median"] for r in sub],
+                       color=["#888888" if r["variant"].startswith("dense") else "#3b7dd8"
+                              for r in sub])
+        for bar, r in zip(bars, sub):
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                    f" {r['speedup_vs_dense']:.2f}x", va="center", fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlim(right=max(r["ms_median"] for r in sub) * 4)  # room for the labels
+        ax.invert_yaxis()
+        ax.set_xlabel(f"median ms per call ({sub[0]['tokens']} tokens, log)")
+        ax.set_title(f"{name}: speed-up vs dense", fontsize=10)
+    fig.suptitle(f"lookupc compare on {machine['llvm_mcpu']}, {machine['threads']} threads",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -53,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import LookupcInputError
+
 __all__ = [
     "fwht", "bh4_forward", "hash_forward", "codes_scores", "gather_forward",
     "hash_backward", "gather_backward", "lookup_ffn", "quantize_tables", "dequantize_tables",
@@ -77,7 +79,7 @@ def fwht(x: Tensor) -> Tensor:
     """
     d = x.shape[-1]
     if d < 1 or d & (d - 1):
-        raise ValueError(f"fwht needs a power-of-two last dim, got {d}")
+        raise LookupcInputError(f"fwht needs a power-of-two last dim, got {d}")
     y = x.reshape(-1, d)
     n = y.shape[0]
     if d <= _FWHT_LEAF:
@@ -175,7 +177,7 @@ def quantize_tables(tables: Tensor, dtype: str) -> tuple[Tensor, Tensor | None]:
     if dtype == "bfloat16":
         return t.to(torch.bfloat16), None
     if dtype != "int8":
-        raise ValueError(f"quantize_tables: dtype must be 'bfloat16' or 'int8', got {dtype!r}")
+        raise LookupcInputError(f"quantize_tables: dtype must be 'bfloat16' or 'int8', got {dtype!r}")
     scale = t.abs().amax(-1) / 127.0
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(t / safe.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)

@@ -15,6 +15,8 @@ import re
 import sysconfig
 from functools import lru_cache
 
+from .errors import LookupcInputError
+
 __all__ = ["stdlib_docstrings", "docstring_sentences", "docstring_corpus", "split_sentences"]
 
 # Packages whose sources are tests, GUIs or vendored code rather than documentation.
@@ -121,11 +123,11 @@ def docstring_sentences(n: int | None = None, *, offset: int = 0, min_words: int
     True
     """
     if offset < 0 or (n is not None and n < 0):
-        raise ValueError(f"n and offset must be >= 0, got n={n!r}, offset={offset!r}")
+        raise LookupcInputError(f"n and offset must be >= 0, got n={n!r}, offset={offset!r}")
     pool = _all_sentences(min_words, max_words)
     end = len(pool) if n is None else offset + n
     if end > len(pool):
-        raise ValueError(f"asked for sentences {offset}..{end} but only {len(pool)} exist")
+        raise LookupcInputError(f"asked for sentences {offset}..{end} but only {len(pool)} exist")
     return list(pool[offset:end])
 
 

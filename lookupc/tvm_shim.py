@@ -221,7 +221,7 @@ def cuda_target(arch: str = "sm_90") -> "tvm.target.Target":
     Builds without a GPU: the device module then holds CUDA source (a fallback module).
     """
     if not (isinstance(arch, str) and arch.startswith("sm_") and arch[3:].isdigit()):
-        raise ValueError(f"arch must look like 'sm_90', got {arch!r}")
+        raise LookupcInputError(f"arch must look like 'sm_90', got {arch!r}")
     return tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
 
 

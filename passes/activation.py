@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from lookupc.errors import LookupcInputError
+
 __all__ = ["Classification", "evaluate_nodes", "classify", "PROBE", "GELU_TOLERANCE"]
 
 # Probe range: GELU and its tanh form differ by up to 4.7e-4 on it, QuickGELU by 2e-2.
@@ -69,7 +71,7 @@ def _run_node(node: fx.Node, env: dict, root: nn.Module | None,
             return mod(*args, **kwargs)
         finally:
             mod.train(was)
-    raise ValueError(f"cannot evaluate node {node.name} ({node.op})")
+    raise LookupcInputError(f"cannot evaluate node {node.name} ({node.op})")
 
 
 def evaluate_nodes(start: fx.Node, nodes: Sequence[fx.Node], x: torch.Tensor,

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from lookupc.errors import LookupcInputError
 from lookupc.module import LookupFFN
 
 from .infra import Pass, PassResult
@@ -119,7 +120,7 @@ def dense_copy(gm: fx.GraphModule, x: fx.Node, fc1: fx.Node, region: list[fx.Nod
     def arg(n: fx.Node) -> fx.Node:
         if n not in env:
             if n.op != "get_attr":
-                raise ValueError(f"node {n.name} is not part of the FFN chain")
+                raise LookupcInputError(f"node {n.name} is not part of the FFN chain")
             env[n] = g.node_copy(n)
         return env[n]
 

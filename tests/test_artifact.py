@@ -13,7 +13,8 @@ pytest.importorskip("tvm")
 from click.testing import CliRunner  # noqa: E402
 
 import lookupc  # noqa: E402
-from lookupc.artifact import core as art  # noqa: E402
+from lookupc.artifact import format as art  # noqa: E402
+from lookupc.artifact.compile import compile_artifact  # noqa: E402
 from lookupc.artifact.model_io import export_program, load_model, save_inputs  # noqa: E402
 from lookupc.cli.main import cli  # noqa: E402
 from lookupc.targets import host_target, parse_target  # noqa: E402
@@ -152,8 +153,8 @@ def _edit_manifest(d: Path, edit, rehash: bool = False) -> None:
 def _cross_compile(compiled, exported, tmp_path, target: str) -> Path:
     _, _, _, result, loaded = compiled
     out = tmp_path / "cross"
-    manifest, check = art.compile_artifact(result, loaded, parse_target(target), out,
-                                           schedule="naive", exported=exported)
+    manifest, check = compile_artifact(result, loaded, parse_target(target), out,
+                                       schedule="naive", exported=exported)
     assert check.startswith("check   not run: this machine cannot execute the target")
     return out
 
@@ -187,7 +188,7 @@ def test_refuses_to_overwrite_without_force(compiled, tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "precious.txt").write_text("keep")
     with pytest.raises(lookupc.LookupcInputError, match="not a lookupc artifact"):
-        art.compile_artifact(result, loaded, host_target(), tmp_path / "x", overwrite=True)
+        compile_artifact(result, loaded, host_target(), tmp_path / "x", overwrite=True)
     assert (tmp_path / "x" / "precious.txt").read_text() == "keep"
 
 

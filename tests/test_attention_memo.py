@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("faiss")
 
 from lookupc.errors import LookupcError  # noqa: E402
+from lookupc.memo import build as memo_build  # noqa: E402
 from lookupc.memo.calib import SimilarityCalibration  # noqa: E402
 from lookupc.memo.embed import EmbedConfig  # noqa: E402
 from lookupc.memo.perf import LayerProfile, LayerTiming, format_plan  # noqa: E402
@@ -297,7 +298,7 @@ def test_existing_output_is_not_overwritten_by_default(built):
 def test_interrupted_build_leaves_nothing_that_loads(built, tmp_path, monkeypatch):
     model, _, _ = built
     calls = []
-    real = am.train_embedder
+    real = memo_build.train_embedder
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -305,7 +306,7 @@ def test_interrupted_build_leaves_nothing_that_loads(built, tmp_path, monkeypatc
             raise KeyboardInterrupt("simulated interruption mid-build")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(am, "train_embedder", failing)
+    monkeypatch.setattr(memo_build, "train_embedder", failing)
     target = tmp_path / "db"
     with pytest.raises(KeyboardInterrupt):
         am.build_memo_db(model, calib(token_ids(8, 4)), target, embed=EMBED, progress=False)

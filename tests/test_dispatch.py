@@ -9,6 +9,8 @@ from lookupc.errors import LookupcError
 class _Recorder:
     """A provider that runs the reference math and records what it was asked to do."""
 
+    name = "recorder"
+
     def __init__(self):
         self.calls = []
 

@@ -1,4 +1,4 @@
-"""Distillation of LookupFFNs from dense FFNs (lookupc.distill.layer, lookupc.distill.calibration)."""
+"""Distillation of LookupFFNs from dense FFNs (lookupc.distill.layer and the modules it uses)."""
 
 import math
 
@@ -8,15 +8,10 @@ from torch import nn
 
 from lookupc import LookupConfig, LookupFFN
 from lookupc.distill.calibration import calibration_items, run_item
-from lookupc.distill.layer import (
-    DistillOptions,
-    finetune,
-    fit_lookup_ffn,
-    hash_target,
-    hidden_target,
-    relative_error,
-    solve_tables,
-)
+from lookupc.distill.hash_fit import hash_target, hidden_target
+from lookupc.distill.layer import finetune, fit_lookup_ffn, relative_error
+from lookupc.distill.options import DistillOptions
+from lookupc.distill.table_solve import solve_tables
 from lookupc.errors import LookupcInputError
 
 FAST = dict(progress=False, hash_steps=60, finetune_steps=40, batch_tokens=512)
@@ -194,7 +189,7 @@ def test_ridge_chosen_on_held_out_tokens_generalises_better_than_a_fixed_weak_on
 @pytest.mark.parametrize("bits", [2, 8])
 def test_design_transpose_product_matches_the_dense_design(bits):
     """``A^T r`` of the table solve: the scatter form (wide tables) equals the dense GEMM."""
-    from lookupc.distill.layer import _apply_at, _design_chunks
+    from lookupc.distill.table_solve import _apply_at, _design_chunks
 
     g = torch.Generator().manual_seed(bits)
     n, h, rows, d = 300, 4, 1 << bits, 7
@@ -207,7 +202,7 @@ def test_design_transpose_product_matches_the_dense_design(bits):
 
 
 def test_sparse_design_transpose_matches_the_dense_design():
-    from lookupc.distill.layer import _design_chunks, _sparse_design_t
+    from lookupc.distill.table_solve import _design_chunks, _sparse_design_t
 
     g = torch.Generator().manual_seed(3)
     n, h, rows, d = 200, 3, 256, 5

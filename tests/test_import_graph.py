@@ -109,3 +109,15 @@ def test_nothing_but_the_cli_imports_the_cli():
     bad = [(a, b) for a, b in graph.edges
            if b.startswith("lookupc.cli") and not a.startswith("lookupc.cli")]
     assert not bad, bad
+
+
+def test_every_subpackage_ships_in_the_wheel():
+    """pyproject lists packages explicitly: a new folder left out would import in a
+    checkout and be missing from the wheel."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = set()
+    for pkg, folder in package_dirs().items():
+        for init in folder.rglob("__init__.py"):
+            parts = init.parent.relative_to(folder).parts
+            found.add(".".join([pkg, *parts]))
+    assert found == listed, {"missing from pyproject": found - listed, "not found": listed - found}

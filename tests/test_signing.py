@@ -20,7 +20,7 @@ from click.testing import CliRunner
 pytest.importorskip("cryptography")
 
 import lookupc  # noqa: E402
-from lookupc.artifact import core as art  # noqa: E402
+from lookupc.artifact import format as art  # noqa: E402
 from lookupc.artifact import signing  # noqa: E402
 from lookupc.cli.main import cli  # noqa: E402
 

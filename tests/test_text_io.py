@@ -25,7 +25,7 @@ pytest.importorskip("transformers")
 
 import lookupc  # noqa: E402
 from lookupc import dispatch  # noqa: E402
-from lookupc.artifact.core import ArtifactError, verify  # noqa: E402
+from lookupc.artifact.format import ArtifactError, verify  # noqa: E402
 from lookupc.artifact.model_io import load_model  # noqa: E402
 from lookupc.artifact.st_format import pooling_from_config, read_st_dir  # noqa: E402
 from lookupc.artifact.text_io import TextTruncatedWarning, pool  # noqa: E402
@@ -221,7 +221,7 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_refused(tmp_path):
 
 def _without_tokenizer(src: Path, dst: Path) -> Path:
     """A copy of artifact ``src`` as lookupc writes one for a model without tokenizer files."""
-    from lookupc.artifact.core import _manifest_digest
+    from lookupc.artifact.format import _manifest_digest
 
     shutil.copytree(src, dst)
     shutil.rmtree(dst / "tokenizer")

@@ -1,6 +1,9 @@
 """The deployable artifact and the model and text formats around it.
 
-- :mod:`.core`: the on-disk format, :func:`~.core.load` and the compile driver;
+- :mod:`.format`: the on-disk format (manifest, files, hashes, verifying);
+- :mod:`.load`: :func:`~.load.load` and the loaded :class:`~.load.Artifact`;
+- :mod:`.graph`: the LookupFFNs of a converted model (kernel shapes, configs);
+- :mod:`.compile`: the compile driver (:func:`~.compile.compile_artifact`);
 - :mod:`.model_io`: reading models and inputs, writing ``torch.export`` programs;
 - :mod:`.pt2_safety`, :mod:`.signing`: what may run when an artifact is loaded;
 - :mod:`.output_check`: is an artifact's output the converted model's;

@@ -35,7 +35,7 @@ from typing import Any
 from ..errors import LookupcInputError
 
 __all__ = ["LoadedModel", "load_model", "load_inputs", "save_inputs", "FlatOutputs",
-           "flatten_outputs", "export_program", "describe_model_spec"]
+           "flatten_outputs", "export_program", "describe_model_spec", "describe_tensor"]
 
 PT2_EXTRA = "lookupc.json"  # extra file in .pt2s that lookupc writes: output names
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -69,6 +69,16 @@ class LoadedModel:
     source: str
     input_names: list[str] = field(default_factory=list)
     info: dict = field(default_factory=dict)
+
+    def output_names_for(self, names: list[str]) -> list[str]:
+        """The names a .pt2 MODEL recorded for its outputs, else ``names`` (those found by
+        flattening the outputs)."""
+        recorded = self.info.get("output_names")
+        return list(recorded) if recorded and len(recorded) == len(names) else names
+
+    def outputs_kind(self) -> str:
+        """What the model returns when its outputs need flattening, in words."""
+        return "a Hugging Face output object" if self.kind == "hf" else "a nested output"
 
 
 def _fail(msg: str) -> None:
@@ -552,6 +562,14 @@ def save_inputs(inputs: tuple, path: str) -> None:
         save_file(tensors, str(path))
     else:
         torch.save(tensors, path)
+
+
+def describe_tensor(t, stats: bool = False) -> str:
+    """``(2, 32) int64``: shape and dtype of a tensor, with ``stats`` its mean and std."""
+    text = f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+    if stats:
+        text += f" mean {t.float().mean().item():+.5f} std {t.float().std().item():.5f}"
+    return text
 
 
 def _natural(key: str):

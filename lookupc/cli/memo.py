@@ -91,9 +91,9 @@ def _token_batches(tokenizer, path: str, seq_lens: tuple[int, ...], max_sequence
 def build(model, calibration, output, alpha_text, seq_lens, pad, max_sequences, batch, token_dim, steps,
           train_seconds, edit_rates, apm_dtype, overwrite):
     """Build an attention database for MODEL from calibration text."""
+    from lookupc.memo.build import build_memo_db
     from lookupc.memo.data import load_encoder
     from lookupc.memo.embed import EmbedConfig
-    from lookupc.passes.attention_memo import build_memo_db
 
     try:
         rates = tuple(float(x) for x in edit_rates.split(",") if x.strip())
@@ -116,8 +116,8 @@ def build(model, calibration, output, alpha_text, seq_lens, pad, max_sequences, 
 def info(db, as_json):
     """Summarise a database: model fingerprint, buckets, embedder training, eq. 3 plan per preset."""
     from lookupc.memo.perf import PRESETS, format_plan
+    from lookupc.memo.plan import memo_plan
     from lookupc.memo.store import MemoStore
-    from lookupc.passes.attention_memo import memo_plan
 
     store = MemoStore.open(db)
     if as_json:
@@ -158,8 +158,9 @@ def run(model, db, text, preset, threshold, layers, margin_quantile, seq_len, pa
     """Run MODEL with memoization on TEXT; print hit rates, cosine vs the unmemoized model and times."""
     import torch
 
+    from lookupc.memo.attention import memo_stats
     from lookupc.memo.data import load_encoder
-    from lookupc.passes.attention_memo import apply_memo, memo_stats
+    from lookupc.passes.attention_memo import apply_memo
 
     net, tok = load_encoder(model)
     items = _token_batches(tok, text, (seq_len,), max_sequences, batch, pad)

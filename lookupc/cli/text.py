@@ -58,8 +58,11 @@ def run_text(model, sentences: list[str], batch_size: int, out: str | None, fmt:
         from ..artifact.output_check import compare_outputs
 
         what = "artifact vs the same program on the PyTorch reference ops (embeddings)"
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), model.float32_rest():  # the kernels are checked
             warnings.simplefilter("ignore", TextTruncatedWarning)  # said once above
+            if model.rest_dtype != "float32":
+                what += f" (rest layers in float32 for the check; they run in {model.rest_dtype})"
+                emb = model.encode(sentences, batch_size=batch_size, normalize=normalize)
             ref = model.encode(sentences, batch_size=batch_size, normalize=normalize,
                                schedule="reference")
         import torch

@@ -6,7 +6,8 @@ arguments, or a single tensor. :func:`calibration_items` checks and materialises
 it; :func:`run_item` runs a model on one item and turns the model's own exception
 into a :class:`~lookupc.errors.LookupcInputError` that says which item failed and why;
 :class:`ActivationCapture` collects the inputs of one submodule, token by token,
-up to a cap (so memory stays bounded however large the calibration set is).
+up to a cap (so memory stays bounded however large the calibration set is), and
+:func:`capture_inputs` runs the calibration items to capture several at once.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from torch import Tensor, nn
 
 from ..errors import LookupcInputError
 
-__all__ = ["calibration_items", "run_item", "token_mask", "ActivationCapture", "StopForward"]
+__all__ = ["calibration_items", "run_item", "token_mask", "ActivationCapture", "StopForward",
+           "capture_inputs"]
 
 
 class StopForward(Exception):
@@ -144,3 +146,26 @@ class ActivationCapture:
     def result(self) -> Tensor:
         """The captured activations, [tokens, d]."""
         return torch.cat(self.chunks) if self.chunks else torch.empty(0)
+
+
+def capture_inputs(model: nn.Module, modules: list[nn.Module], items: list, max_tokens: int,
+                   stop: bool = False) -> list[Tensor]:
+    """Inputs of each of ``modules`` over the calibration items (each capped at max_tokens)."""
+    caps = [ActivationCapture(m, max_tokens, stop=stop) for m in modules]
+    for c in caps:
+        c.__enter__()
+    try:
+        with torch.no_grad():
+            for index, item in enumerate(items):
+                if all(c.full for c in caps):
+                    break
+                for c in caps:
+                    c.item = item
+                try:
+                    run_item(model, item, index)
+                except StopForward:
+                    pass
+    finally:
+        for c in caps:
+            c.__exit__(None, None, None)
+    return [c.result() for c in caps]

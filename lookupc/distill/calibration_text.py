@@ -4,12 +4,14 @@ Distilling a pretrained encoder needs real text in the model's own tokenisation.
 :func:`read_sentences` reads a file with one sentence per line (``.txt``) or JSON Lines
 with a ``text`` field (``.jsonl``); :func:`tokenize` turns sentences into batches of
 model inputs (``input_ids``, ``attention_mask``...), similar lengths together so that
-little is padding. Every problem names the file and line: an empty file, a JSONL line
-without ``text``, a sentence that tokenises to nothing but special tokens.
+little is padding; :func:`text_items` does both for ``convert``'s ``calibration``.
+Every problem names the file and line: an empty file, a JSONL line without ``text``, a
+sentence that tokenises to nothing but special tokens.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 from ..errors import LookupcInputError
 
 __all__ = ["TEXT_SUFFIXES", "is_text_file", "read_sentences", "tokenize", "tokenizer_for",
-           "default_sentences"]
+           "default_sentences", "text_items"]
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
@@ -114,3 +116,22 @@ def tokenize(tokenizer: Any, sentences: list[tuple[int, str]] | list[str], *, ba
                         return_tensors="pt")
         out.append({k: v for k, v in enc.items() if accepted is None or k in accepted})
     return out
+
+
+def text_items(calibration: Any, model: Any, tokenizer: Any) -> Any:
+    """Calibration given as text (a .txt/.jsonl path or a list of sentences) -> model inputs,
+    tokenised with ``tokenizer`` or the one stored with the model; anything else as is."""
+    if isinstance(calibration, (str, os.PathLike)):
+        if not is_text_file(str(calibration)):
+            raise LookupcInputError(f"calibration {calibration}: a file path must end in "
+                                    f"{' or '.join(TEXT_SUFFIXES)} (text for the tokenizer)")
+        source = str(calibration)
+        sentences = read_sentences(source)
+    elif isinstance(calibration, (list, tuple)) and calibration and all(
+            isinstance(s, str) for s in calibration):
+        source, sentences = "calibration sentences", list(calibration)
+    else:
+        return calibration
+    tok = tokenizer if tokenizer is not None else tokenizer_for(model)
+    accepted = set(inspect.signature(model.forward).parameters)
+    return tokenize(tok, sentences, source=source, accepted=accepted)

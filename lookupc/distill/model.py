@@ -157,7 +157,7 @@ class _Objective:
         """Numerators (with gradient), denominators (without) and which term each is."""
         s_t, t_t = _outputs_only(s_out), _outputs_only(t_out)
         if len(s_t) != len(t_t) or not s_t:
-            raise ValueError(f"student and teacher outputs differ in structure ({len(s_t)} vs "
+            raise LookupcInputError(f"student and teacher outputs differ in structure ({len(s_t)} vs "
                              f"{len(t_t)} floating tensors)")
         nums, dens, layout = [], [], {}
 
@@ -228,7 +228,7 @@ def output_error(student: nn.Module, teacher: nn.Module, items: list) -> float:
             s_t = output_tensors(run_item(student, item, i))
             t_t = output_tensors(run_item(teacher, item, i))
             if len(s_t) != len(t_t) or not s_t:
-                raise ValueError("student and teacher outputs differ in structure")
+                raise LookupcInputError("student and teacher outputs differ in structure")
             loss = sum(_rel(s, t, item) for s, t in zip(s_t, t_t)) / len(s_t)
             errs.append(math.sqrt(float(loss)))
     return sum(errs) / max(1, len(errs))

@@ -42,6 +42,8 @@ tvm = tvm_shim.tvm
 from tvm import te, tirx  # noqa: E402
 from tvm.script import tirx as T  # noqa: E402
 
+from ..errors import LookupcInputError  # noqa: E402
+
 __all__ = [
     "gather_score_grad", "table_grad_scatter", "table_grad_segment",
     "block_round", "fwht_scaled", "score_grad", "weight_grad", "column_sum",
@@ -53,12 +55,12 @@ _ATOMIC_ADD = tvm_shim.CUDA_ATOMIC_ADD
 
 def _check_pow2(name: str, value: int) -> None:
     if not isinstance(value, int) or value < 1 or value & (value - 1):
-        raise ValueError(f"{name} must be a power-of-two int, got {value!r}")
+        raise LookupcInputError(f"{name} must be a power-of-two int, got {value!r}")
 
 
 def _check_pos(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise LookupcInputError(f"{name} must be a positive int, got {value!r}")
 
 
 def _finish(tensors: list, name: str) -> tirx.PrimFunc:
@@ -282,7 +284,7 @@ def score_grad(repeats: int, width: int, tables: int, bits: int, decay: float) -
     _check_pow2("width", width)
     code = tables * bits
     if code > repeats * width:
-        raise ValueError(f"tables*bits={code} exceeds repeats*width={repeats * width}")
+        raise LookupcInputError(f"tables*bits={code} exceeds repeats*width={repeats * width}")
     n = te.var("n", "int32")
     y = te.placeholder((repeats, n, width), _F32, name="y")
     xp = te.placeholder((n, width), _F32, name="x_pad")
@@ -344,7 +346,7 @@ def column_sum(width: int, columns: int) -> tirx.PrimFunc:
     _check_pos("width", width)
     _check_pos("columns", columns)
     if columns > width:
-        raise ValueError(f"columns={columns} exceeds width={width}")
+        raise LookupcInputError(f"columns={columns} exceeds width={width}")
     n = te.var("n", "int32")
     a = te.placeholder((n, width), _F32, name="a")
     t = te.reduce_axis((0, n), name="t")

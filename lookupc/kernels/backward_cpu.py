@@ -35,6 +35,8 @@ tvm = tvm_shim.tvm
 from tvm import te, tirx  # noqa: E402
 from tvm.script import tirx as T  # noqa: E402
 
+from ..errors import LookupcInputError  # noqa: E402
+
 __all__ = ["gather_backward_fused", "fold_rounds", "round_folded", "score_grad_fast",
            "column_sum_planes", "pad_inputs", "input_grad", "crossblock_stages"]
 
@@ -236,7 +238,7 @@ def score_grad_fast(repeats: int, width: int, tables: int, bits: int, decay: flo
     _check_pow2("width", width)
     code, d, reps = tables * bits, width, repeats
     if code > reps * d:
-        raise ValueError(f"tables*bits={code} exceeds repeats*width={reps * d}")
+        raise LookupcInputError(f"tables*bits={code} exceeds repeats*width={reps * d}")
     pad = reps * d - code
     dec, keep = float(decay), 1.0 - float(decay)
     # A table's bits never straddle two repeats when bits divides D (then the (table, bit)
@@ -331,7 +333,7 @@ def pad_inputs(repeats: int, d_in: int, width: int, tables: int) -> tirx.PrimFun
     for name, v in (("repeats", repeats), ("d_in", d_in), ("width", width), ("tables", tables)):
         _check_pos(name, v)
     if d_in > width:
-        raise ValueError(f"d_in={d_in} exceeds width={width}")
+        raise LookupcInputError(f"d_in={d_in} exceeds width={width}")
     extra = width - d_in
 
     @T.prim_func(s_tir=True)

@@ -45,6 +45,8 @@ tvm = tvm_shim.tvm
 from tvm import te, tirx  # noqa: E402
 from tvm.script import tirx as T  # noqa: E402
 
+from ..errors import LookupcInputError  # noqa: E402
+
 __all__ = ["make_hash", "make_gather", "hash_stage_names", "fast_exp_neg"]
 
 _LOG2E = 1.4426950408889634
@@ -125,7 +127,7 @@ def make_hash(s: KernelShapes, fold: bool = True, token_tile: int = 1,
     decay = te.var("decay", "float32")
 
     if token_tile < 1 or token_tile & (token_tile - 1):
-        raise ValueError(f"token_tile must be a power of two, got {token_tile}")
+        raise LookupcInputError(f"token_tile must be a power of two, got {token_tile}")
     n_pad = (n + (token_tile - 1)) // token_tile * token_tile if token_tile > 1 else n
     row = (lambda i: te.min(i, n - 1)) if token_tile > 1 else (lambda i: i)
     pad = te.compute(

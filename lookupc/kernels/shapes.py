@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import TABLE_DTYPES, num_repeats, padded_width
+from ..errors import LookupcInputError
 
 __all__ = ["KernelShapes"]
 
@@ -43,16 +44,16 @@ class KernelShapes:
         for field in ("d_in", "d_out", "tables", "bits", "block_size", "repeats"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"KernelShapes.{field} must be a positive int, got {value!r}")
+                raise LookupcInputError(f"KernelShapes.{field} must be a positive int, got {value!r}")
         if self.table_dtype not in TABLE_DTYPES:
-            raise ValueError(f"KernelShapes.table_dtype must be one of {', '.join(TABLE_DTYPES)}"
+            raise LookupcInputError(f"KernelShapes.table_dtype must be one of {', '.join(TABLE_DTYPES)}"
                              f", got {self.table_dtype!r}")
         bs = self.block_size
         if bs & (bs - 1) or bs > self.width:
-            raise ValueError(f"KernelShapes.block_size={bs} must be a power of two <= the "
+            raise LookupcInputError(f"KernelShapes.block_size={bs} must be a power of two <= the "
                              f"padded width {self.width}")
         if self.tables * self.bits > self.repeats * self.width:
-            raise ValueError(f"KernelShapes.repeats={self.repeats} too few for "
+            raise LookupcInputError(f"KernelShapes.repeats={self.repeats} too few for "
                              f"{self.tables}x{self.bits} code bits at width {self.width}")
 
     @property

@@ -1,6 +1,6 @@
 """Inputs for attention memoization: load a local Hugging Face encoder, pack or pad text, edit tokens.
 
-Two ways to feed text (``passes/attention_memo.py``): packed, where sentences are
+Two ways to feed text (``lookupc/memo/attention.py``): packed, where sentences are
 tokenized without special tokens, joined into one token stream separated by
 ``[SEP]`` and cut into ``[CLS] chunk [SEP]`` sequences of exactly ``seq_len`` tokens
 (the incomplete tail is dropped; every record has the full length), or padded

@@ -49,7 +49,7 @@ import threading
 import weakref
 from typing import Any
 
-from ..errors import LookupcInputError
+from ..errors import KernelNotFoundError, LookupcIndexError, LookupcInputError, LookupcTypeError
 from ..kernels.shapes import KernelShapes
 
 __all__ = ["KernelShapes", "Kernels", "Library", "build", "export_library", "load_library",
@@ -100,7 +100,7 @@ def _check_codes(codes, rows: int) -> None:
         flat = codes.detach().contiguous().numpy()
         lo, hi = int(flat.min()), int(flat.max())
         if lo < 0 or hi >= rows:
-            raise IndexError(f"lookupc.gather: codes must be in [0, {rows}), got [{lo}, {hi}]")
+            raise LookupcIndexError(f"lookupc.gather: codes must be in [0, {rows}), got [{lo}, {hi}]")
 
 
 # ----------------------------------------------------------------------------- caching
@@ -182,7 +182,7 @@ class Kernels:
         import torch
 
         if self.hash_fn is None:
-            raise RuntimeError(f"no hash kernel was built for {self.shapes}")
+            raise KernelNotFoundError(f"no hash kernel was built for {self.shapes}")
         n, h = x.shape[0], self.shapes.tables
         rows = -(-n // self.token_tile) * self.token_tile
         codes = torch.empty(rows, h, dtype=torch.int32)
@@ -201,7 +201,7 @@ class Kernels:
         import torch
 
         if self.gather_fn is None:
-            raise RuntimeError(f"no gather kernel was built for {self.shapes}")
+            raise KernelNotFoundError(f"no gather kernel was built for {self.shapes}")
         if table_dtype_of(tables) != self.shapes.table_dtype:
             raise LookupcInputError(f"lookupc.gather: tables are {tables.dtype} but the kernel "
                                     f"was built for {self.shapes.table_dtype} tables")
@@ -304,10 +304,10 @@ def build(lookup_shapes: KernelShapes, target: Any = None, schedule: str = "cpu"
     >>> codes, scores = k.hash(x, ffn.bh4_weight, ffn.hash_bias, 0.7)    # doctest: +SKIP
     """
     if not isinstance(lookup_shapes, KernelShapes):
-        raise TypeError(f"build() needs KernelShapes, got {type(lookup_shapes).__name__}")
+        raise LookupcTypeError(f"build() needs KernelShapes, got {type(lookup_shapes).__name__}")
     parts = tuple(sorted(set(parts)))
     if not parts or set(parts) - {"hash", "gather"}:
-        raise ValueError(f"parts must be a subset of ('hash', 'gather'), got {parts}")
+        raise LookupcInputError(f"parts must be a subset of ('hash', 'gather'), got {parts}")
     tgt, sched = _resolve(target, schedule, tuning_db)
     mem_key = (lookup_shapes, str(tgt), sched.name, sched.cache_token(), parts)
     with _LOCK:
@@ -335,7 +335,7 @@ def export_library(shapes_list, target: Any, schedule: str, path: str,
     for shapes in dict.fromkeys(shapes_list):
         funcs.update(_prim_funcs(shapes, sched, tgt, ("gather", "hash")))
     if not funcs:
-        raise ValueError("export_library needs at least one KernelShapes")
+        raise LookupcInputError("export_library needs at least one KernelShapes")
     executable = _compile(funcs, tgt, sched)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tvm_shim.export_library(executable, path)
@@ -357,12 +357,12 @@ class Library:
 
         gather_sym = _symbols(shapes, True, 1)[1]
         if tvm_shim.get_function(self.module, gather_sym) is None:
-            raise KeyError(f"{self.path} has no kernels for {shapes}")
+            raise KernelNotFoundError(f"{self.path} has no kernels for {shapes}")
         for fold in (True, False):
             for tile in (1, 2, 4, 8, 16, 32, 64):
                 if tvm_shim.get_function(self.module, _symbols(shapes, fold, tile)[0]):
                     return Kernels(shapes, self.module, fold, tile, "library")
-        raise KeyError(f"{self.path} has no hash kernel for {shapes}")
+        raise KernelNotFoundError(f"{self.path} has no hash kernel for {shapes}")
 
 
 def load_library(path: str) -> Library:
@@ -396,6 +396,7 @@ class TvmProvider:
 
     def __init__(self, schedule: str, target: Any = None, tuning_db: str | None = None):
         self.schedule, self.target, self.tuning_db = schedule, target, tuning_db
+        self.name = schedule
 
     def supports(self, device, dtype) -> bool:
         import torch
@@ -423,7 +424,6 @@ class TvmProvider:
 
     def gather_quantized(self, codes, scores, tables, scale, bias):
         return self.gather(codes, scores, tables, bias, scale)
-
 
     # Backward: "cpu" and "tuned" run the hand-scheduled CPU training kernels (shared by
     # both, ``lookupc.runtime.cpu_training``); "naive", there to check the forward TIR as written,

@@ -40,6 +40,7 @@ import functools
 import threading
 from typing import Any
 
+from ..errors import LookupcInputError
 from .training import Kernel, KernelCache, aligned, cache_root, ceil_to, disk_cached, hashed_name
 
 __all__ = ["CpuTrainingKernels", "TABLE_GRAD_METHODS", "for_target", "kernel_catalogue"]
@@ -71,7 +72,7 @@ class CpuTrainingKernels(KernelCache):
                  lanes: int | None = None):
         super().__init__()
         if table_grad not in TABLE_GRAD_METHODS:
-            raise ValueError(f"table_grad must be one of {TABLE_GRAD_METHODS}, got {table_grad!r}")
+            raise LookupcInputError(f"table_grad must be one of {TABLE_GRAD_METHODS}, got {table_grad!r}")
         from .. import tvm_shim
         from ..schedules.cpu import backward as cpu_backward
 

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import dispatch
-from ..errors import LookupcError
+from ..errors import LookupcError, LookupcInputError
 from .training import Kernel, KernelCache
 from .training import ceil_to as _ceil_to
 from .training import pad_rows as _pad_rows
@@ -72,9 +72,9 @@ class TirTrainingKernels(KernelCache):
 
     def __init__(self, mode: str = "cuda", arch: str | None = None, table_grad: str = "atomic"):
         if mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+            raise LookupcInputError(f"mode must be one of {_MODES}, got {mode!r}")
         if table_grad not in TABLE_GRAD_METHODS:
-            raise ValueError(f"table_grad must be one of {TABLE_GRAD_METHODS}, got {table_grad!r}")
+            raise LookupcInputError(f"table_grad must be one of {TABLE_GRAD_METHODS}, got {table_grad!r}")
         super().__init__()
         from .. import tvm_shim
 
@@ -364,7 +364,7 @@ class CudaProvider:
     def set_table_grad(self, method: str) -> None:
         """Reduce the table gradient with ``"atomic"`` adds or a ``"segment"`` reduction."""
         if method not in TABLE_GRAD_METHODS:
-            raise ValueError(f"table_grad must be one of {TABLE_GRAD_METHODS}, got {method!r}")
+            raise LookupcInputError(f"table_grad must be one of {TABLE_GRAD_METHODS}, got {method!r}")
         self.table_grad = method
         for k in self._per_arch.values():
             k.table_grad = method
@@ -409,7 +409,7 @@ class EmulatedCudaProvider:
 
     def set_table_grad(self, method: str) -> None:
         if method not in TABLE_GRAD_METHODS:
-            raise ValueError(f"table_grad must be one of {TABLE_GRAD_METHODS}, got {method!r}")
+            raise LookupcInputError(f"table_grad must be one of {TABLE_GRAD_METHODS}, got {method!r}")
         self._kernels.table_grad = method
 
     def kernels(self, t: Tensor) -> TirTrainingKernels:

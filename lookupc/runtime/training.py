@@ -18,6 +18,8 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..errors import KernelNotFoundError
+
 if TYPE_CHECKING:
     from torch import Tensor
 
@@ -119,7 +121,7 @@ class Kernel:
         self.executable, self.name, self.on_cuda = module, name, on_cuda
         self.fn = tvm_shim.get_function(module, name)
         if self.fn is None:
-            raise KeyError(f"the built module has no function {name!r}")
+            raise KernelNotFoundError(f"the built module has no function {name!r}")
 
     def __call__(self, *args):
         if self.on_cuda:

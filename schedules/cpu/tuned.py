@@ -45,6 +45,7 @@ import warnings
 from typing import Any, NamedTuple
 
 from lookupc import tvm_shim
+from lookupc.errors import LookupcInputError
 from lookupc.kernels import forward as tir_kernels
 from lookupc.schedules.cpu.hand import (
     TOKEN_TILE,
@@ -401,9 +402,9 @@ def tune(shapes_list: list, target: Any, db_dir: str, trials: int,
     the database, and a rerun continues from it.
     """
     if trials < 1:
-        raise ValueError(f"trials must be >= 1, got {trials}")
+        raise LookupcInputError(f"trials must be >= 1, got {trials}")
     if not tvm_shim.is_cpu_target(target):
-        raise ValueError(f"the tuned schedule needs an llvm target, got {target.kind.name}")
+        raise LookupcInputError(f"the tuned schedule needs an llvm target, got {target.kind.name}")
     if cost_model == "xgb":
         from lookupc.extras import require
 

@@ -16,6 +16,8 @@ multiple of the tile (:func:`hash_tile`): ``lookupc.runtime.cuda`` pads the batc
 
 from __future__ import annotations
 
+from lookupc.errors import LookupcInputError
+
 from .backward import SHARED_FLOATS
 from .util import DEFAULT_THREADS, GpuSchedule, specialize_tokens
 
@@ -47,7 +49,7 @@ def schedule_hash(func, tokens: int, emulate: bool = False, threads: int = DEFAU
     reps, nb, bs = (int(v.dom.extent) for v in dims)
     tile = tile or hash_tile(nb * bs, reps)
     if tokens % tile:
-        raise ValueError(f"tokens={tokens} must be a multiple of the tile {tile}")
+        raise LookupcInputError(f"tokens={tokens} must be a multiple of the tile {tile}")
     # Phase 1: the zero padding is inlined into its two readers (first matmul and mix).
     sch.compute_inline(sch.get_sblock("pad"))
     chain = chain[1:]

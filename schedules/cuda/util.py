@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lookupc.errors import LookupcInputError
+
 from ... import tvm_shim
 
 s_tir = tvm_shim.tvm.s_tir
@@ -57,7 +59,7 @@ class GpuSchedule:
         """Index of the read region of ``buffer_name`` in ``block`` (for cache_read)."""
         names = [tvm_shim.region_buffer(r).name for r in self.sch.get(block).reads]
         if buffer_name not in names:
-            raise ValueError(f"block reads {names}, not {buffer_name!r}")
+            raise LookupcInputError(f"block reads {names}, not {buffer_name!r}")
         return names.index(buffer_name)
 
     def cache_read(self, block, buffer_name: str, scope: str):
@@ -82,7 +84,7 @@ class GpuSchedule:
         for i, lp in enumerate(self.sch.get_loops(block)):
             if self.sch.get(lp).same_as(target):
                 return i + 1
-        raise ValueError("loop does not enclose the block")
+        raise LookupcInputError("loop does not enclose the block")
 
     def bind_threads(self, block, outer: int, threads: int) -> None:
         """Fuse the spatial loops of ``block`` below ``outer`` and spread them over threadIdx.x.
