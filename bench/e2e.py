@@ -59,7 +59,7 @@ def build_artifact(model, example, lookup: str, schedule: str, out_dir: str,
     """``lookupc compile`` through the API, then ``lookupc.load`` of what it wrote."""
     import lookupc
     from lookupc.artifact.compile import compile_artifact
-    from lookupc.artifact.model_io import LoadedModel
+    from lookupc.artifact.model_load import LoadedModel
     from lookupc.targets import host_target
 
     cfg = None
@@ -170,17 +170,19 @@ def plot(rows, path: str) -> None:
     groups = sorted({(r["model"], r["size"], r["threads"]) for r in rows},
                     key=lambda g: (g[0], int(g[1].split("x")[0]) * int(g[1].split("x")[1]), g[2]))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)) + 3, 4))
     width = 0.8 / len(variants)
+    colors = plt.get_cmap("tab20").colors  # one distinct colour per variant (up to 20)
     for i, v in enumerate(variants):
         ys = [next((r["speedup_vs_fp32"] for r in rows if (r["model"], r["size"], r["threads"])
                     == g and r["variant"] == v), 0) for g in groups]
-        ax.bar([j + i * width for j in range(len(groups))], ys, width, label=v)
+        ax.bar([j + i * width for j in range(len(groups))], ys, width, label=v,
+               color=colors[i % len(colors)], hatch="//" if "rest" in v else None)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
     ax.set_xticklabels([f"{m}\n{s} t={t}" for m, s, t in groups], fontsize=8)
     ax.axhline(1.0, color="k", lw=0.5)
     ax.set_ylabel("speed-up vs fp32 eager (same run)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
