@@ -146,10 +146,12 @@ def evaluate(model, memo, workload: str, ids, mask, args, n_layers: int) -> dict
     stats = memo_stats(memo)
     cos = (base_emb * got).sum(-1)
     per_layer = [round(stats[k].hit_rate, 3) if k in stats else None for k in range(n_layers)]
+    skipped = [stats[k].skipped if k in stats else None for k in range(n_layers)]  # backoff
     memo_rate = sum(s.hits for s in stats.values()) / (len(ids) * n_layers)
     t = run_pair(model, memo, ids, mask, args.batch, args.repeats)  # (updates the stats again)
     return dict(workload=workload, n=len(ids), memo_layers=sorted(stats), hit_rate_per_layer=per_layer,
-                memo_rate=memo_rate, cos_mean=float(cos.mean()), cos_min=float(cos.min()), **t,
+                skipped_per_layer=skipped, memo_rate=memo_rate, cos_mean=float(cos.mean()),
+                cos_min=float(cos.min()), **t,
                 attention_speedup=t["base_attention_s"] / t["attention_s"], e2e_speedup=t["base_e2e_s"] / t["e2e_s"])
 
 

@@ -126,12 +126,13 @@ class MemoizeAttention(Pass):
     def __init__(self, db: MemoStore | str | os.PathLike, preset: str | float = "moderate", *,
                  layers: str | Iterable[int] = "auto", threshold: float | None = None,
                  margin_quantile: float | None = 0.9, other_lengths: str = "error",
-                 log: Callable[[str], None] | None = None):
+                 adaptive: bool = True, log: Callable[[str], None] | None = None):
         if other_lengths not in ("error", "original"):
             raise LookupcInputError(f"other_lengths must be 'error' or 'original', got {other_lengths!r}")
         self.store = db if isinstance(db, MemoStore) else MemoStore.open(db)
         self.preset, self.threshold, self.layers = preset, threshold, layers
         self.margin_quantile, self.other_lengths, self.log = margin_quantile, other_lengths, log
+        self.adaptive = adaptive
         self._rows: list[dict] | None = None
         self._thr: float | None = None
         self.report: MemoReport | None = None
@@ -164,10 +165,15 @@ class MemoizeAttention(Pass):
         thr = self._thr
         enabled: dict[int, dict[int, BucketData]] = {}
         margins: dict[int, dict[int, float]] = {}
+        break_even: dict[int, dict[int, float]] = {}
         for r in rows:
             if r["enabled"]:
                 enabled.setdefault(r["layer"], {})[r["seq_len"]] = self.store.bucket(r["layer"], r["seq_len"])
                 margins.setdefault(r["layer"], {})[r["seq_len"]] = r["margin"]
+                if self.adaptive and r.get("auto", True):  # layers the user forces always look up
+                    saved = r["t_attention"] - r["t_hit"]
+                    break_even.setdefault(r["layer"], {})[r["seq_len"]] = (
+                        r["t_overhead"] / saved if saved > 0 else 1.0)
         report = MemoReport(thr, plan=rows)
         modified = False
         for layer, (name, mod) in enumerate(find_self_attention(module)):
@@ -178,7 +184,8 @@ class MemoizeAttention(Pass):
                 report.skipped.append(Skipped(name, self._why_not(layer, rows)))
                 continue
             _set_submodule(module, name, MemoSelfAttention(unwrap(mod), layer, self.store, thr, enabled[layer],
-                                                           self.other_lengths, margins[layer]))
+                                                           self.other_lengths, margins[layer],
+                                                           break_even.get(layer)))
             report.memoized.append(MemoizedLayer(name, layer, sorted(enabled[layer]), margins[layer]))
             modified = True
         report.skipped += [Skipped(name, reason) for name, reason in rejected_attention(module)]
@@ -195,7 +202,7 @@ class MemoizeAttention(Pass):
 def apply_memo(model: nn.Module, db: MemoStore | str | os.PathLike, preset: str | float = "moderate", *,
                layers: str | Iterable[int] = "auto", threshold: float | None = None,
                margin_quantile: float | None = 0.9, other_lengths: str = "error",
-               log: Callable[[str], None] | None = None) -> nn.Module:
+               adaptive: bool = True, log: Callable[[str], None] | None = None) -> nn.Module:
     """A memoizing copy of ``model`` (``model`` itself is never modified).
 
     Parameters
@@ -223,6 +230,11 @@ def apply_memo(model: nn.Module, db: MemoStore | str | os.PathLike, preset: str 
     other_lengths : {"error", "original"}
         What a wrapped layer does with an input whose padded length the database was not
         built for: raise ``MemoDatabaseError`` (default) or run the original attention.
+    adaptive : bool
+        Layers chosen by "auto" stop looking up while their recent hit rate is below the
+        break-even ``T_overhead / (T_attn - T_hit)`` and probe again with exponential
+        backoff (``lookupc.memo.attention.Backoff``); skipped sequences are counted in
+        ``memo_stats(...)[layer].skipped``. Forced layers always look up.
     log : callable, optional
         Receives the plan: per layer T_attn, T_hit, T_overhead, alpha, expected saving, decision.
 
@@ -233,7 +245,7 @@ def apply_memo(model: nn.Module, db: MemoStore | str | os.PathLike, preset: str 
         is the same rewrite in place, with a :class:`MemoReport`.
     """
     memo = MemoizeAttention(db, preset, layers=layers, threshold=threshold, margin_quantile=margin_quantile,
-                            other_lengths=other_lengths, log=log)
+                            other_lengths=other_lengths, adaptive=adaptive, log=log)
     memo.requires(model)  # a mismatched database, a bad threshold or bad layers fail before the copy
     memo.plan()
     result = memo.call(copy.deepcopy(model))

@@ -376,3 +376,52 @@ def test_timings_are_interleaved_medians():
     assert t.t_attention >= 0 and t.t_hit >= 0 and t.t_overhead >= 0
     with pytest.raises(ValueError, match="n_seqs"):
         measure_timing(*fns, n_seqs=0)
+
+
+def test_backoff_skips_while_hits_cannot_pay_and_probes_back():
+    from lookupc.memo.attention import BACKOFF_MAX, BACKOFF_WINDOW, Backoff
+
+    b = Backoff(break_even=0.2)
+    calls = []
+    for _ in range(200):  # traffic unlike the database: no hits
+        if b.should_skip():
+            calls.append("skip")
+        else:
+            calls.append("look")
+            b.record(8, 0)
+    looks = [i for i, c in enumerate(calls) if c == "look"]
+    assert looks[:BACKOFF_WINDOW // 8] == list(range(BACKOFF_WINDOW // 8))  # evidence first
+    gaps = [j - i - 1 for i, j in zip(looks, looks[1:])]
+    assert gaps[1:7] == [1, 2, 4, 8, 16, 32] and max(gaps) == BACKOFF_MAX  # doubling, capped
+    assert calls.count("look") < 15
+    while b.should_skip():
+        pass
+    b.record(8, 8)  # a probe of near duplicates: lookups pay again
+    assert b.wait == 1 and not b.should_skip()
+    b.record(8, 8)
+    assert not b.should_skip()
+
+
+def test_adaptive_layers_stop_looking_up_on_disjoint_traffic(built):
+    model, store, _ = built
+    memo = am.apply_memo(model, store, threshold=0.999, layers="all")
+    wrappers = [m for m in memo.modules() if isinstance(m, am.MemoSelfAttention)]
+    for w in wrappers:  # "auto" layers get a break-even from the plan; set one for the test
+        w.break_even = {L: 0.5}
+        w.reset_backoff()
+    ids = token_ids(8, 777)  # unlike the database: no hits at 0.999
+    for _ in range(12):
+        got = out(memo, ids)
+    torch.testing.assert_close(got, out(model, ids))  # skipped calls run the original
+    for s in am.memo_stats(memo).values():
+        assert s.hits == 0 and s.skipped > s.misses and s.misses + s.skipped == 96
+    am.reset_memo_stats(memo)  # a new kind of traffic: look up again at once
+    repeats = token_ids(24, 1)[:8]
+    out(memo, repeats)
+    assert all(s.hits == 8 and s.skipped == 0 for s in am.memo_stats(memo).values())
+
+
+def test_forced_layers_always_look_up(built):
+    model, store, _ = built
+    memo = am.apply_memo(model, store, threshold=0.999, layers="all")
+    assert all(m.break_even is None for m in memo.modules() if isinstance(m, am.MemoSelfAttention))

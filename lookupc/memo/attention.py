@@ -25,11 +25,21 @@ its real rows get ``APM @ V[:n]`` and its padding rows (ignored downstream: ever
 masks padding keys) uniform attention over the real tokens. Masks that are not a
 right-padding key mask (left padding, holes, causal) make the sequence ineligible. Packed,
 unpadded inputs (``lookupc.memo.data``) are the case ``n = L``.
+
+Backoff (online eq. 3): a lookup pays only if the layer's hit rate clears its break-even
+``alpha* = T_overhead / (T_attn - T_hit)`` (the plan's timings). Each wrapped bucket keeps
+the hit rate of its last ``BACKOFF_WINDOW`` looked-up sequences; when it falls below
+``alpha*`` the layer stops looking up for 1, 2, 4 ... up to ``BACKOFF_MAX`` calls
+(those sequences run the original module and count as ``skipped``), then probes one
+batch; a probe that hits enough resets the wait. On traffic unlike the database
+(disjoint text) the lookups, and their cost, stop after a few batches; on near duplicates
+nothing changes. ``apply_memo(..., adaptive=False)`` looks up every call.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +53,7 @@ from lookupc.memo.apm import apm_context, is_tracing, real_lengths, slice_mask, 
 from lookupc.memo.calib import with_margin
 from lookupc.memo.store import BucketData, MemoDatabaseError, MemoStore, ModelFingerprint, hash_tensors
 
-__all__ = ["PASS_NAME", "find_self_attention", "rejected_attention", "self_attention_rejection", "unwrap",
+__all__ = ["PASS_NAME", "find_self_attention", "rejected_attention", "self_attention_rejection", "unwrap", "Backoff",
            "model_fingerprint", "LayerStats", "MemoSelfAttention", "memo_stats", "reset_memo_stats"]
 
 #: the name errors of the memoization pass and of the database build carry
@@ -125,18 +135,54 @@ def model_fingerprint(model: nn.Module, found: list[tuple[str, nn.Module]] | Non
 
 @dataclass
 class LayerStats:
-    """Counts of one wrapped layer, in sequences (a miss includes "no record of this real length")."""
+    """Counts of one wrapped layer, in sequences (a miss includes "no record of this real length";
+    ``skipped``: eligible sequences not looked up because the layer was backing off)."""
 
     hits: int = 0
     misses: int = 0
     ineligible: int = 0
+    skipped: int = 0
     seconds_overhead: float = 0.0
     last_records: list[tuple[int, int, float]] = field(default_factory=list)  # (batch row, record, calibrated sim)
 
     @property
     def hit_rate(self) -> float:
-        total = self.hits + self.misses + self.ineligible
+        total = self.hits + self.misses + self.ineligible + self.skipped
         return self.hits / total if total else 0.0
+
+
+BACKOFF_WINDOW = 16  # sequences whose hit rate decides whether lookups pay
+BACKOFF_MAX = 64  # longest run of calls without a lookup before the next probe
+
+
+@dataclass
+class Backoff:
+    """Online eq. 3 for one bucket: skip lookups while the recent hit rate is below
+    ``break_even`` (see the module docstring)."""
+
+    break_even: float
+    recent: deque = field(default_factory=deque)  # (looked-up sequences, hits) per call
+    skip: int = 0  # calls left without a lookup
+    wait: int = 1  # length of the next skip run
+
+    def should_skip(self) -> bool:
+        if self.skip > 0:
+            self.skip -= 1
+            return True
+        return False
+
+    def record(self, looked_up: int, hits: int) -> None:
+        if looked_up <= 0:
+            return
+        self.recent.append((looked_up, hits))
+        while sum(n for n, _ in self.recent) - self.recent[0][0] >= BACKOFF_WINDOW:
+            self.recent.popleft()
+        seen = sum(n for n, _ in self.recent)
+        rate = sum(h for _, h in self.recent) / seen
+        if rate >= self.break_even:
+            self.wait = 1
+        elif seen >= BACKOFF_WINDOW:  # enough evidence (or a failed probe): skip, then probe
+            self.skip, self.wait = self.wait, min(2 * self.wait, BACKOFF_MAX)
 
 
 class MemoSelfAttention(nn.Module):
@@ -151,7 +197,8 @@ class MemoSelfAttention(nn.Module):
 
     def __init__(self, inner: nn.Module, layer: int, store: MemoStore, threshold: float,
                  buckets: Mapping[int, BucketData], other_lengths: str = "error",
-                 margins: Mapping[int, float] | None = None):
+                 margins: Mapping[int, float] | None = None,
+                 break_even: Mapping[int, float] | None = None):
         super().__init__()
         self.inner = inner
         self.layer = layer
@@ -162,7 +209,14 @@ class MemoSelfAttention(nn.Module):
         self.other_lengths = other_lengths
         self.batched = True
         self.stats = LayerStats()
+        # padded length -> break-even hit rate; None: look up on every call
+        self.break_even = None if break_even is None else {int(k): float(v) for k, v in break_even.items()}
+        self.reset_backoff()
         self.train(inner.training)
+
+    def reset_backoff(self) -> None:
+        """Forget the observed hit rates (a new kind of traffic)."""
+        self.backoff = {L: Backoff(be) for L, be in (self.break_even or {}).items()}
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, threshold={self.threshold}, lengths={sorted(self.buckets)}, margins={self.margins}"
@@ -187,9 +241,16 @@ class MemoSelfAttention(nn.Module):
             return self._original(hidden_states, attention_mask, args, kwargs)
         t0 = time.perf_counter()
         lengths = real_lengths(attention_mask, b, L)
+        eligible = int((lengths > 0).sum())
+        backoff = self.backoff.get(L)
+        if backoff is not None and backoff.should_skip():
+            self.stats.skipped += eligible
+            self.stats.ineligible += b - eligible
+            return self._original(hidden_states, attention_mask, args, kwargs)
         hits = self._lookup(bucket, hidden_states, lengths)  # [(n, rows, records, sims)]
         n_hits = sum(len(h[1]) for h in hits)
-        eligible = int((lengths > 0).sum())
+        if backoff is not None:
+            backoff.record(eligible, n_hits)
         self.stats.seconds_overhead += time.perf_counter() - t0
         self.stats.hits += n_hits
         self.stats.misses += eligible - n_hits
@@ -248,7 +309,8 @@ def memo_stats(model: nn.Module) -> dict[int, LayerStats]:
 
 
 def reset_memo_stats(model: nn.Module) -> None:
-    """Zero the ``LayerStats`` of every memoizing layer in ``model``."""
+    """Zero the ``LayerStats`` and forget the backoff state of every memoizing layer in ``model``."""
     for m in model.modules():
         if isinstance(m, MemoSelfAttention):
             m.stats = LayerStats()
+            m.reset_backoff()
