@@ -30,23 +30,20 @@ import platform
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lookupc.memo.attention import find_self_attention, memo_stats, reset_memo_stats  # noqa: E402
-from lookupc.memo.build import build_memo_db  # noqa: E402
-from lookupc.memo.data import edit_tokens, load_encoder, pack_sentences, pad_sentences  # noqa: E402
-from lookupc.memo.embed import EmbedConfig  # noqa: E402
-from lookupc.memo.perf import PRESETS, format_plan  # noqa: E402
-from lookupc.memo.plan import memo_plan  # noqa: E402
-from lookupc.passes.attention_memo import apply_memo  # noqa: E402
-from lookupc.textdata import docstring_sentences  # noqa: E402
+from lookupc.memo.attention import find_self_attention, memo_stats, reset_memo_stats
+from lookupc.memo.build import build_memo_db
+from lookupc.memo.data import edit_tokens, load_encoder, pack_sentences, pad_sentences
+from lookupc.memo.embed import EmbedConfig
+from lookupc.memo.perf import PRESETS, format_plan
+from lookupc.memo.plan import memo_plan
+from lookupc.passes.attention_memo import apply_memo
+from lookupc.textdata import docstring_sentences
 
 LINES: list[str] = []
 

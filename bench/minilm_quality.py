@@ -32,14 +32,13 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
+import torch
 
-import lookupc  # noqa: E402
-from lookupc.textdata import docstring_sentences  # noqa: E402
+import lookupc
+from lookupc.textdata import docstring_sentences
 
 DEFAULT_CONFIGS = ["512,1,32", "256,2,32", "128,4,32"]
 

@@ -49,16 +49,13 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import lookupc  # noqa: E402
+import lookupc
 
 CONFIGS = {  # name -> (d, dense hidden, LookupConfig)
     "paper": (512, 2048, lookupc.LookupConfig(tables=128, bits=8, block_size=64)),

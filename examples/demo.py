@@ -28,11 +28,10 @@ def main() -> None:
     lookupc("compile", "examples.tiny_bert:factory", "-o", ARTIFACT, "--force")
     lookupc("run", ARTIFACT)
 
-    sys.path.insert(0, ROOT)  # a source checkout without `pip install -e .` works too
     import torch
 
     import lookupc as lc
-    from examples.tiny_bert import factory
+    from lookupc.examples.tiny_bert import factory  # examples/ ships in the package
 
     model = lc.load(os.path.join(ROOT, ARTIFACT))  # verifies hashes, versions, the CPU
     _, (ids,) = factory(batch=1, seq_len=50)       # another token count than compiled

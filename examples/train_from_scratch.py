@@ -20,16 +20,13 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from lookupc import LookupConfig, LookupFFN  # noqa: E402
-from lookupc.textdata import docstring_corpus  # noqa: E402
+from lookupc import LookupConfig, LookupFFN
+from lookupc.textdata import docstring_corpus
 
 
 class Block(nn.Module):

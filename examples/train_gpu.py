@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -34,10 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import lookupc  # noqa: E402
-from examples.train_from_scratch import ByteLM, data, sample  # noqa: E402
+import lookupc
+from lookupc.examples.train_from_scratch import ByteLM, data, sample
 
 VOCAB = 256  # bytes
 
