@@ -36,9 +36,9 @@ def _versions() -> dict:
 
 
 def _cache() -> dict:
-    from .runtime import cpu as kernels
+    from .runtime.build import cache_dir
 
-    root = kernels.cache_dir()
+    root = cache_dir()
     if root is None:
         return {"path": None, "state": "disabled ($LOOKUPC_CACHE_DIR=off)"}
     p = Path(root)
@@ -65,10 +65,11 @@ def _dispatch() -> dict:
                                "artifact (lookupc compile) for the TVM kernels")
     try:
         import lookupc
-        from lookupc.runtime import cpu as kernels
+        from lookupc.kernels.shapes import KernelShapes
+        from lookupc.runtime.build import build
 
         ffn = lookupc.LookupFFN(32, 16, lookupc.LookupConfig(tables=4, bits=4, block_size=8))
-        kernels.build(kernels.KernelShapes.of(ffn), schedule="cpu")
+        build(KernelShapes.of(ffn), schedule="cpu")
         with dispatch.set_schedule("cpu"):
             out["cpu_provider"] = type(dispatch.provider_for(dev, dt)).__name__
         out["cpu_kernels"] = "built and loaded"
@@ -86,14 +87,15 @@ def _bench(seconds: float) -> dict:
 
     import lookupc
     from lookupc import perf
-    from lookupc.runtime import cpu as kernels
+    from lookupc.kernels.shapes import KernelShapes
+    from lookupc.runtime.build import build
 
     b = _BENCH
     torch.manual_seed(0)
     cfg = lookupc.LookupConfig(tables=b["tables"], bits=b["bits"], block_size=b["block"])
     ffn = lookupc.LookupFFN(b["d"], b["d"], cfg).eval()
     x = torch.randn(b["tokens"], b["d"])
-    k = kernels.build(kernels.KernelShapes.of(ffn), schedule="cpu")
+    k = build(KernelShapes.of(ffn), schedule="cpu")
     p = {n: t.detach() for n, t in ffn.named_parameters()}
     codes, scores = k.hash(x, p["bh4_weight"], p["hash_bias"], 0.7)
     dense = torch.nn.Sequential(torch.nn.Linear(b["d"], b["hidden"]), torch.nn.GELU(),

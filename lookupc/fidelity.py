@@ -28,7 +28,7 @@ class FidelityWarning(UserWarning):
 
 
 def _tensors(out) -> list:
-    from .artifact.model_io import flatten_outputs
+    from .artifact.export import flatten_outputs
 
     return [t for t in flatten_outputs(out)[0] if isinstance(t, torch.Tensor)
             and t.is_floating_point()]

@@ -101,7 +101,8 @@ def lookup_variants(ffn, x, schedules, tuning_db, naive_tokens, table_dtypes=("f
     """
     from dataclasses import replace
 
-    from lookupc.runtime import cpu as K
+    from lookupc.kernels.shapes import KernelShapes
+    from lookupc.runtime import build as K
 
     p = {k: v.detach() for k, v in ffn.named_parameters()}
     decay, bits = float(ffn.config.decay), ffn.config.bits
@@ -120,7 +121,7 @@ def lookup_variants(ffn, x, schedules, tuning_db, naive_tokens, table_dtypes=("f
     stored.update({d: ref.quantize_tables(p["tables"], d) for d in table_dtypes if d != "float32"})
     for name in schedules:
         for dtype in (["float32"] if name == "naive" else list(dict.fromkeys(table_dtypes))):
-            shapes = replace(K.KernelShapes.of(ffn), table_dtype=dtype)
+            shapes = replace(KernelShapes.of(ffn), table_dtype=dtype)
             tables, scale = stored[dtype]
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")

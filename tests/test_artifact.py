@@ -15,7 +15,9 @@ from click.testing import CliRunner  # noqa: E402
 import lookupc  # noqa: E402
 from lookupc.artifact import format as art  # noqa: E402
 from lookupc.artifact.compile import compile_artifact  # noqa: E402
-from lookupc.artifact.model_io import export_program, load_model, save_inputs  # noqa: E402
+from lookupc.artifact.export import export_program  # noqa: E402
+from lookupc.artifact.model_load import load_model  # noqa: E402
+from lookupc.artifact.tensor_files import save_inputs  # noqa: E402
 from lookupc.cli.main import cli  # noqa: E402
 from lookupc.targets import host_target, parse_target  # noqa: E402
 
@@ -224,10 +226,10 @@ def test_cli_refuses_a_tampered_artifact_in_one_line(compiled, tmp_path):
 def _wrong_gather(monkeypatch):
     """Kernels whose gather output is negated: what a miscompiled kernel looks like to a user
     (a constant offset would not do: the model's LayerNorm removes it)."""
-    from lookupc.runtime import cpu as K
+    from lookupc.runtime.compiled import Kernels
 
-    right = K.Kernels.gather
-    monkeypatch.setattr(K.Kernels, "gather", lambda self, *a: -right(self, *a))
+    right = Kernels.gather
+    monkeypatch.setattr(Kernels, "gather", lambda self, *a: -right(self, *a))
 
 
 def test_run_fails_when_the_kernels_disagree_with_the_reference(compiled, monkeypatch):

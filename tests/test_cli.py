@@ -9,7 +9,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lookupc.artifact.model_io import flatten_outputs, load_inputs, load_model, save_inputs
+from lookupc.artifact.export import flatten_outputs
+from lookupc.artifact.model_load import load_model
+from lookupc.artifact.tensor_files import load_inputs, save_inputs
 from lookupc.cli.main import cli
 from lookupc.errors import LookupcInputError
 

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 pytest.importorskip("tvm")
 
 import lookupc  # noqa: E402
-from lookupc.artifact.model_io import export_program, load_model  # noqa: E402
+from lookupc.artifact.export import export_program  # noqa: E402
+from lookupc.artifact.model_load import load_model  # noqa: E402
 from lookupc.cli.main import cli  # noqa: E402
 from lookupc.errors import LookupcInputError  # noqa: E402
 

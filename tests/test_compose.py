@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import lookupc
-from lookupc.artifact.model_io import load_model
+from lookupc.artifact.model_load import load_model
 from lookupc.compose import quantize_rest
 
 

@@ -14,7 +14,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 from lookupc.errors import LookupcError  # noqa: E402
-from lookupc.runtime.cpu import KernelShapes  # noqa: E402
+from lookupc.kernels.shapes import KernelShapes  # noqa: E402
 from lookupc.runtime.cuda import TirTrainingKernels, cuda_source, kernel_catalogue  # noqa: E402
 
 ARCHES = ("sm_80", "sm_90")

@@ -16,7 +16,7 @@ def test_missing_extra_names_what_to_install(monkeypatch, module, extra):
 
 
 def test_loading_an_hf_dir_without_transformers_says_which_extra(monkeypatch, tmp_path):
-    from lookupc.artifact.model_io import load_model
+    from lookupc.artifact.model_load import load_model
 
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"")

@@ -22,7 +22,8 @@ import torch
 import lookupc
 from guarded_memory import guarded
 from test_kernels import check_hash
-from lookupc.runtime import cpu as K
+from lookupc.kernels.shapes import KernelShapes
+from lookupc.runtime import build as K
 
 checked = 0
 for d_in, d_out, h, tau, bs in ((48, 32, 16, 4, 16), (32, 16, 16, 8, 8)):
@@ -32,7 +33,7 @@ for d_in, d_out, h, tau, bs in ((48, 32, 16, 4, 16), (32, 16, 16, 8, 8)):
         m.hash_bias.normal_(0.0, 0.1)
         m.tables.normal_()
     for schedule in ("naive", "cpu"):
-        k = K.build(K.KernelShapes.of(m), schedule=schedule)
+        k = K.build(KernelShapes.of(m), schedule=schedule)
         for n in (1, 4, 20):
             rows = -(-n // k.token_tile) * k.token_tile
             x0 = torch.randn(n, d_in)

@@ -18,7 +18,8 @@ import torch
 from test_kernels import check_hash, make_ffn
 
 from lookupc import targets, tvm_shim
-from lookupc.runtime import cpu as K
+from lookupc.kernels.shapes import KernelShapes
+from lookupc.runtime import build as K
 from lookupc.schedules.registry import get_schedule
 
 TARGETS = {
@@ -35,7 +36,7 @@ ANY_VECTOR = {"x86": r"\b(v?(add|sub|mul|div|max|min)ps|vfn?m(add|sub)\w*ps|vgat
               "aarch64": r"\bf(add|sub|mul|mla|max|min)\s+v[0-9]+\.4s"}
 
 
-def _asm(name: str, schedule: str, shapes: K.KernelShapes) -> str:
+def _asm(name: str, schedule: str, shapes: KernelShapes) -> str:
     tgt = tvm_shim.make_target(targets.parse_target(TARGETS[name]).to_tvm())
     sched = get_schedule(schedule, tgt)
     funcs = K._prim_funcs(shapes, sched, tgt, ("hash", "gather"))
@@ -44,7 +45,7 @@ def _asm(name: str, schedule: str, shapes: K.KernelShapes) -> str:
 
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_every_offered_target_builds_with_the_right_vector_width(name):
-    shapes = K.KernelShapes.of(make_ffn("B"))
+    shapes = KernelShapes.of(make_ffn("B"))
     naive = _asm(name, "naive", shapes)
     isa = "aarch64" if name == "aarch64" else "x86"
     assert not re.search(ANY_VECTOR[isa], naive), f"naive {name} kernels are vectorised"
@@ -61,7 +62,7 @@ def test_kernels_for_runnable_targets_match_the_reference(name, schedule):
         pytest.skip(f"{name} cannot run here: {why}")
     m = make_ffn("B")
     tgt = targets.parse_target(TARGETS[name]).to_tvm()
-    kernels = K.build(K.KernelShapes.of(m), target=tgt, schedule=schedule)
+    kernels = K.build(KernelShapes.of(m), target=tgt, schedule=schedule)
     for n in (1, 16, 37):
         x = torch.randn(n, m.d_in)
         codes, scores = kernels.hash(x, m.bh4_weight, m.hash_bias, 0.7)

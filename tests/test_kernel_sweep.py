@@ -32,7 +32,8 @@ import torch
 import lookupc
 from lookupc import tvm_shim
 from lookupc.config import num_repeats, padded_width
-from lookupc.runtime import cpu as K
+from lookupc.kernels.shapes import KernelShapes
+from lookupc.runtime import build as K
 from lookupc.schedules.cpu.hand import TOKEN_TILE, CpuSchedule
 
 DEFAULT_CASES = 8
@@ -117,7 +118,7 @@ def check_case(case: Case, tmp_db: str) -> None:
         expect[n] = (codes, scores, near)
     for label, spec in schedules(tmp_db).items():
         schedule, db = spec if isinstance(spec, tuple) else (spec, None)
-        kernels = K.build(K.KernelShapes.of(m), schedule=schedule, tuning_db=db)
+        kernels = K.build(KernelShapes.of(m), schedule=schedule, tuning_db=db)
         for n, x in xs.items():
             codes, scores, near = expect[n]
             got_codes, got_scores = kernels.hash(x, weight, hash_bias, 0.7)

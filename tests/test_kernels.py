@@ -1,4 +1,4 @@
-"""TVM kernels (lookupc.runtime.cpu / tir_kernels / schedules) against the PyTorch reference.
+"""TVM kernels (lookupc.runtime.build / tir_kernels / schedules) against the PyTorch reference.
 
 Tolerances: codes must equal the float64 reference exactly for every table whose soft
 code z has no coordinate within 1e-4 of zero (|z| is O(1) here and the float32 kernels
@@ -13,7 +13,8 @@ import torch
 
 import lookupc
 from lookupc import reference as ref
-from lookupc.runtime import cpu as K
+from lookupc.kernels.shapes import KernelShapes
+from lookupc.runtime import build as K
 
 # (d_in, d_out, tables, bits, block): d_in not a power of two, d_out != d_in, tau 1/4/8,
 # two repeats (A), a single block per round (C).
@@ -69,7 +70,7 @@ def check_hash(m, x, codes, scores, decay=0.7):
 @pytest.mark.parametrize("key", sorted(SHAPES))
 def test_kernels_match_reference_at_several_token_counts(schedule, key):
     m = make_ffn(key)
-    kernels = K.build(K.KernelShapes.of(m), schedule=schedule)
+    kernels = K.build(KernelShapes.of(m), schedule=schedule)
     builds = K.cache_info()["builds"]
     tables, bias = m.tables.detach(), m.bias.detach()
     for n in TOKENS:  # one build serves every n (symbolic token count)
@@ -84,7 +85,7 @@ def test_kernels_match_reference_at_several_token_counts(schedule, key):
 
 def test_gather_uses_every_table_row_and_bias():
     m = make_ffn("B")
-    kernels = K.build(K.KernelShapes.of(m), schedule="cpu")
+    kernels = K.build(KernelShapes.of(m), schedule="cpu")
     n, h, rows = 300, m.config.tables, 1 << m.config.bits
     codes = torch.randint(0, rows, (n, h), dtype=torch.int32)
     scores = torch.randn(n, h)
@@ -95,7 +96,7 @@ def test_gather_uses_every_table_row_and_bias():
 
 def test_runtime_decay_and_misaligned_input():
     m = make_ffn("A")
-    kernels = K.build(K.KernelShapes.of(m), schedule="cpu")
+    kernels = K.build(KernelShapes.of(m), schedule="cpu")
     base = torch.randn(12 * m.d_in + 1)
     x = base[1:].view(12, m.d_in)  # 4-byte offset: not 64-byte aligned
     assert x.data_ptr() % 64
@@ -106,7 +107,7 @@ def test_runtime_decay_and_misaligned_input():
 
 def test_folded_weight_cache_follows_in_place_updates():
     m = make_ffn("A")
-    kernels = K.build(K.KernelShapes.of(m), schedule="cpu")
+    kernels = K.build(KernelShapes.of(m), schedule="cpu")
     x = torch.randn(9, m.d_in)
     kernels.hash(x, m.bh4_weight, m.hash_bias, 0.7)
     with torch.no_grad():
@@ -117,7 +118,7 @@ def test_folded_weight_cache_follows_in_place_updates():
 
 def test_build_cache_hits_in_memory_then_on_disk():
     m = make_ffn("C", seed=3)
-    shapes = K.KernelShapes.of(m)
+    shapes = KernelShapes.of(m)
     K.clear_memory_cache()
     before = K.cache_info()
     first = K.build(shapes, schedule="cpu")
@@ -138,7 +139,7 @@ def test_build_cache_hits_in_memory_then_on_disk():
 
 def test_cache_key_depends_on_target_cpu():
     m = make_ffn("C")
-    shapes = K.KernelShapes.of(m)
+    shapes = KernelShapes.of(m)
     host = K.build(shapes, schedule="naive")
     other = K.build(shapes, target={"kind": "llvm", "mcpu": "x86-64"}, schedule="naive")
     assert other is not host
@@ -165,16 +166,16 @@ def test_schedules_are_gated_on_target_and_names():
 
 def test_export_load_and_cross_compile(tmp_path):
     ma, mb = make_ffn("A"), make_ffn("B")
-    shapes = [K.KernelShapes.of(ma), K.KernelShapes.of(mb)]
+    shapes = [KernelShapes.of(ma), KernelShapes.of(mb)]
     path = K.export_library(shapes, None, "cpu", str(tmp_path / "k.so"))
     lib = K.load_library(path)
     for m in (ma, mb):
-        k = lib.kernels(K.KernelShapes.of(m))
+        k = lib.kernels(KernelShapes.of(m))
         x = torch.randn(6, m.d_in)
         codes, scores = k.hash(x, m.bh4_weight, m.hash_bias, 0.7)
         check_hash(m, x, codes, scores)
     with pytest.raises(KeyError):
-        lib.kernels(K.KernelShapes.of(make_ffn("C")))
+        lib.kernels(KernelShapes.of(make_ffn("C")))
     # a CPU other than the host: compiled and linked, never run
     other = K.export_library(shapes[:1], {"kind": "llvm", "mcpu": "skylake-avx512"}, "cpu",
                              str(tmp_path / "skx.so"))

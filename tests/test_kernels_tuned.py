@@ -11,7 +11,8 @@ import torch
 from test_kernels import check_hash, make_ffn, ref
 
 from lookupc import tvm_shim
-from lookupc.runtime import cpu as K
+from lookupc.kernels.shapes import KernelShapes
+from lookupc.runtime import build as K
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +36,7 @@ def _check_pair(m, kernels):
 def test_tuned_without_records_falls_back_to_hand_knobs(tmp_path):
     m = make_ffn("A")
     with pytest.warns(UserWarning, match="no tuning record for the hash kernel"):
-        kernels = K.build(K.KernelShapes.of(m), schedule="tuned",
+        kernels = K.build(KernelShapes.of(m), schedule="tuned",
                           tuning_db=str(tmp_path / "empty_db"))
     _check_pair(m, kernels)
 
@@ -47,7 +48,7 @@ def test_tuning_database_written_reloaded_and_used_without_retuning(tmp_path, mo
     from lookupc.schedules.cpu import tuned
 
     m = make_ffn("A")
-    shapes = K.KernelShapes.of(m)
+    shapes = KernelShapes.of(m)
     db = str(tmp_path / "db")
     target = tvm_shim.make_target()
     lines = []

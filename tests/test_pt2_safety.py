@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lookupc.artifact.model_io import export_program, save_program
+from lookupc.artifact.export import export_program, save_program
 from lookupc.artifact.pt2_safety import UnsafePt2Error, check_pt2
 
 
@@ -73,7 +73,7 @@ def test_malicious_example_inputs_run_code_in_torch_but_not_through_lookupc(good
     # lookupc refuses it and nothing runs
     with pytest.raises(UnsafePt2Error, match="sample_inputs"):
         check_pt2(bad)
-    from lookupc.artifact.model_io import load_model
+    from lookupc.artifact.model_load import load_model
 
     with pytest.raises(UnsafePt2Error):
         load_model(str(bad))

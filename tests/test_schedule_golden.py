@@ -43,8 +43,8 @@ import lookupc
 from lookupc import reference as ref
 from lookupc import targets, tvm_shim
 from lookupc.kernels import forward
+from lookupc.kernels.fold import fold_weight
 from lookupc.kernels.shapes import KernelShapes
-from lookupc.runtime.cpu import fold_weight
 from lookupc.schedules.cpu import tuned as tuned_mod
 from lookupc.schedules.cpu.hand import (
     TOKEN_TILE,

@@ -87,13 +87,14 @@ def _schedules():
 @pytest.mark.parametrize("n", [1, 13, 64])
 @pytest.mark.parametrize("sizes", [(8, 4, 48), (16, 1, 40), (4, 8, 16)])
 def test_every_schedule_matches_numpy(dtype, n, sizes):
-    from lookupc.runtime import cpu as kernels
+    from lookupc.runtime.build import build
+    from lookupc.runtime.cpu import _gather_only
 
     h, bits, d_out = sizes
     codes, scores, q, scale, bias, want = _case(h, bits, d_out, n, dtype, seed=n)
-    shapes = kernels._gather_only(h, bits, d_out, dtype)
+    shapes = _gather_only(h, bits, d_out, dtype)
     for name, sched in _schedules().items():
-        k = kernels.build(shapes, schedule=sched, parts=("gather",))
+        k = build(shapes, schedule=sched, parts=("gather",))
         got = k.gather(codes, scores, q, bias, scale)
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5, err_msg=name)
 

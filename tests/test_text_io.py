@@ -26,7 +26,7 @@ pytest.importorskip("transformers")
 import lookupc  # noqa: E402
 from lookupc import dispatch  # noqa: E402
 from lookupc.artifact.format import ArtifactError, verify  # noqa: E402
-from lookupc.artifact.model_io import load_model  # noqa: E402
+from lookupc.artifact.model_load import load_model  # noqa: E402
 from lookupc.artifact.st_format import pooling_from_config, read_st_dir  # noqa: E402
 from lookupc.artifact.text_io import TextTruncatedWarning, pool  # noqa: E402
 from lookupc.cli.main import cli  # noqa: E402

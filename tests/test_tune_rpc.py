@@ -21,10 +21,11 @@ import pytest
 from click.testing import CliRunner
 
 from lookupc.errors import LookupcError, LookupcInputError
-from lookupc.runtime import cpu as K
+from lookupc.kernels.shapes import KernelShapes
+from lookupc.runtime import build as K
 from lookupc.schedules.cpu import tuned
 
-SHAPES = K.KernelShapes(64, 64, 16, 4, 16, 1)  # the smallest gather worth tuning
+SHAPES = KernelShapes(64, 64, 16, 4, 16, 1)  # the smallest gather worth tuning
 
 
 @pytest.fixture(autouse=True)

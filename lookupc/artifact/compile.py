@@ -55,7 +55,7 @@ def compile_artifact(result, loaded, spec, out_dir, *, schedule: str = "hand",
     ----------
     result : lookupc.ConversionResult
         From :func:`lookupc.convert` (``.module`` holds the LookupFFNs, ``.report``).
-    loaded : lookupc.artifact.model_io.LoadedModel
+    loaded : lookupc.artifact.model_load.LoadedModel
         The original model's description and example inputs.
     spec : lookupc.targets.TargetSpec
         Where the kernels will run.
@@ -64,7 +64,7 @@ def compile_artifact(result, loaded, spec, out_dir, *, schedule: str = "hand",
     schedule : str
         ``"naive"``, ``"hand"`` (= ``"cpu"``) or ``"tuned"`` (needs ``tuning_db``).
     exported : tuple, optional
-        What :func:`lookupc.artifact.model_io.export_program` returned for ``result.module``, to
+        What :func:`lookupc.artifact.export.export_program` returned for ``result.module``, to
         compile one export for several targets without exporting again.
     sign_key : path, optional
         Ed25519 private key (``lookupc keygen``): writes ``signature.json``
@@ -90,9 +90,9 @@ def compile_artifact(result, loaded, spec, out_dir, *, schedule: str = "hand",
     """
     from ..compose import REST_DTYPES
     from ..progress import progress as progress_bar
-    from ..runtime import cpu as kernels
+    from ..runtime.build import export_library
     from ..targets import can_execute
-    from .model_io import export_program
+    from .export import export_program
 
     if rest_dtype not in REST_DTYPES:
         raise LookupcInputError(f"rest dtype must be one of {', '.join(REST_DTYPES)}, "
@@ -117,7 +117,7 @@ def compile_artifact(result, loaded, spec, out_dir, *, schedule: str = "hand",
     def build_library(stem: str) -> str:
         path = stem + _library_suffix(spec)
         bar.set_postfix_str(f"TVM kernels for {len(shapes)} shape(s), {schedule}")
-        kernels.export_library(shapes, spec.to_tvm(), schedule, path, tuning_db=tuning_db)
+        export_library(shapes, spec.to_tvm(), schedule, path, tuning_db=tuning_db)
         bar.update(len(shapes))
         return path
 
@@ -174,7 +174,7 @@ def rest_fidelity(module: torch.nn.Module, inputs: tuple, dtype: str) -> dict:
     per-output cosine (min over outputs and rows) and max abs error against float32."""
     from .. import dispatch
     from ..compose import quantize_rest
-    from .model_io import flatten_outputs
+    from .export import flatten_outputs
 
     out = {"dtype": dtype, "linears": 0, "cosine_min": 1.0, "max_abs_err": 0.0}
     if dtype == "float32":
@@ -200,7 +200,7 @@ def check_against(artifact: Artifact, module: torch.nn.Module, inputs: tuple):
     Returns a :class:`lookupc.artifact.output_check.OutputCheck`; ``.line(...)`` describes it.
     """
     from .. import dispatch
-    from .model_io import flatten_outputs
+    from .export import flatten_outputs
     from .output_check import compare_outputs
 
     got = artifact(*inputs)

@@ -109,7 +109,8 @@ def write_artifact(out_dir: str | os.PathLike, *, program, example_inputs: tuple
         ``{relative name: source path}`` copied in (e.g. ``tokenizer/vocab.txt``); hashed
         like every other file.
     """
-    from .model_io import save_inputs, save_program
+    from .export import save_program
+    from .tensor_files import save_inputs
 
     out = Path(out_dir)
     prepare_dir(out, overwrite)

@@ -15,7 +15,7 @@ __all__ = ["lookup_shapes", "lookup_configs", "GraphLookup", "AlreadyConverted",
 
 
 def lookup_shapes(module: torch.nn.Module) -> list:
-    """Distinct :class:`lookupc.runtime.cpu.KernelShapes` of the LookupFFNs in ``module``, in
+    """Distinct :class:`lookupc.kernels.shapes.KernelShapes` of the LookupFFNs in ``module``, in
     module order: LookupFFN submodules, or for an exported program (a ``.pt2`` that
     ``lookupc convert`` wrote) the ``lookupc.hash``/``gather`` calls in its graphs."""
     shapes = []
@@ -61,8 +61,8 @@ def _graph_lookups(module: torch.nn.Module) -> list:
 
 
 def _kernel_shapes(m):
+    from ..kernels.shapes import KernelShapes
     from ..module import LookupFFN
-    from ..runtime.cpu import KernelShapes
 
     if isinstance(m, LookupFFN):
         return KernelShapes.of(m)

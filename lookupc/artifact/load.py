@@ -107,7 +107,7 @@ class Artifact(torch.nn.Module):
             dispatch,
             ops,  # noqa: F401  (registers torch.ops.lookupc before loading)
         )
-        from .model_io import load_inputs
+        from .tensor_files import load_inputs
 
         super().__init__()
         from .pt2_safety import check_pt2
@@ -216,10 +216,11 @@ class Artifact(torch.nn.Module):
 
 
 def _load_provider(library: Path, manifest: dict) -> "LibraryProvider":
-    from ..runtime import cpu as kernels
+    from ..kernels.shapes import KernelShapes
+    from ..runtime.build import load_library
 
-    shapes = [kernels.KernelShapes(**d) for d in manifest.get("kernels", [])]
-    return LibraryProvider(kernels.load_library(str(library)), shapes)
+    shapes = [KernelShapes(**d) for d in manifest.get("kernels", [])]
+    return LibraryProvider(load_library(str(library)), shapes)
 
 
 class _RebuiltLibrary:
@@ -232,15 +233,15 @@ class _RebuiltLibrary:
         self.schedule = {"hand": "cpu"}.get(manifest.get("schedule"), manifest.get("schedule"))
 
     def kernels(self, shapes):
-        from ..runtime import cpu as kernels
+        from ..runtime.build import build
 
-        return kernels.build(shapes, target=self.target, schedule=self.schedule)
+        return build(shapes, target=self.target, schedule=self.schedule)
 
 
 def _rebuilt_provider(manifest: dict) -> "LibraryProvider":
-    from ..runtime import cpu as kernels
+    from ..kernels.shapes import KernelShapes
 
-    shapes = [kernels.KernelShapes(**d) for d in manifest.get("kernels", [])]
+    shapes = [KernelShapes(**d) for d in manifest.get("kernels", [])]
     return LibraryProvider(_RebuiltLibrary(manifest), shapes)
 
 
@@ -284,7 +285,7 @@ class LibraryProvider:
         return kernels.hash(x, weight, hash_bias, decay)
 
     def gather(self, codes, scores, tables, bias, scale=None):
-        from ..runtime.cpu import table_dtype_of
+        from ..runtime.compiled import table_dtype_of
 
         h, rows, d_out = tables.shape
         kernels = self._find("gather", tables=h, bits=rows.bit_length() - 1, d_out=d_out,

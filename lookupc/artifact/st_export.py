@@ -53,7 +53,7 @@ def write_st_dir(out_dir: str | os.PathLike, program, output_names: list[str],
     The tokenizer is copied from ``tokenizer_dir`` (its :data:`TOKENIZER_FILES`), or saved
     from ``tokenizer`` with ``save_pretrained``. Returns the directory.
     """
-    from .model_io import save_program
+    from .export import save_program
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -134,7 +134,7 @@ def save(result, out_dir: str | os.PathLike, example_inputs: tuple | None = None
          overwrite: bool = False) -> Path:
     """Write a converted SentenceTransformer (``lookupc.convert(st, ...)``'s result, or its
     ``.module``) as a directory that ``lookupc compile`` takes."""
-    from .model_io import export_program
+    from .export import export_program
 
     st = getattr(result, "module", result)
     if not is_sentence_transformer(st):

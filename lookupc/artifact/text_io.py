@@ -152,7 +152,7 @@ def bundle_tokenizer(src: str | os.PathLike, rows: int | None) -> tuple[dict, di
 
 def text_fields(loaded) -> tuple[dict, dict]:
     """Manifest fields (``embedding``, ``tokenizer``) and tokenizer files for an artifact of
-    ``loaded`` (a :class:`lookupc.artifact.model_io.LoadedModel`); empty when it is not a text model."""
+    ``loaded`` (a :class:`lookupc.artifact.model_load.LoadedModel`); empty when it is not a text model."""
     info = loaded.info
     fields: dict = {}
     files: dict = {}

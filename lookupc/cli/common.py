@@ -95,8 +95,8 @@ class step:
 
 
 def load(model: str, batch: int, seq_len: int, trust_pickle: bool):
-    """MODEL loaded (:func:`lookupc.artifact.model_io.load_model`), with progress."""
-    from ..artifact.model_io import describe_model_spec, load_model
+    """MODEL loaded (:func:`lookupc.artifact.model_load.load_model`), with progress."""
+    from ..artifact.model_load import describe_model_spec, load_model
 
     describe_model_spec(model)  # a bad path fails here, before any progress output
     with step(f"loading {model}"):
@@ -117,7 +117,7 @@ def _calibration(path: str | None, loaded, init: str):
         return [loaded.example_inputs]
     if is_text_file(path):
         return path
-    from ..artifact.model_io import load_inputs
+    from ..artifact.tensor_files import load_inputs
 
     return [load_inputs(path)]
 

@@ -2,7 +2,7 @@
 program (.pt2) or a sentence-transformers directory.
 
 Loading, converting and the policy flags are :mod:`.common`'s; exporting is
-:func:`lookupc.artifact.model_io.export_program` and
+:func:`lookupc.artifact.export.export_program` and
 :func:`lookupc.artifact.st_export.write_loaded`.
 """
 
@@ -54,7 +54,7 @@ def convert(model, output, fmt, batch, seq_len, trust_pickle, tables, bits, bloc
     if helper:  # torchrun's other ranks helped distil; rank 0 reports and writes
         return
     print_report(result.report)
-    from ..artifact.model_io import export_program, save_program
+    from ..artifact.export import export_program, save_program
 
     with step("exporting"):
         program, names, flattened, dynamic = export_program(result.module, loaded.example_inputs)

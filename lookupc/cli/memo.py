@@ -44,7 +44,7 @@ def _token_batches(tokenizer, path: str, seq_lens: tuple[int, ...], max_sequence
     from lookupc.memo.data import pack_sentences, pad_sentences, read_sentences
 
     if path.endswith((".pt", ".safetensors", ".npz")):
-        from lookupc.artifact.model_io import load_inputs
+        from lookupc.artifact.tensor_files import load_inputs
 
         ids = load_inputs(path)[0]
         ids = ids[:max_sequences] if max_sequences else ids

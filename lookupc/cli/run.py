@@ -58,7 +58,7 @@ def run(artifact, input_path, output, texts, text_file, batch_size, fmt, normali
     """Load an ARTIFACT directory (verifying it) and run it: on token inputs (--input, default
     the compiled example inputs), or on text (--text/--text-file) giving sentence embeddings."""
     from ..artifact.load import load
-    from ..artifact.model_io import describe_tensor, load_inputs, save_inputs
+    from ..artifact.tensor_files import describe_tensor, load_inputs, save_inputs
 
     text_mode = bool(texts or text_file)
     if text_mode and input_path:

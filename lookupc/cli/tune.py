@@ -1,6 +1,6 @@
 """``lookupc tune``: tune the hash and gather kernels of MODEL's LookupFFN shapes (or of a
 named benchmark config) into a persistent MetaSchedule database, here or on a board
-through a TVM RPC tracker (:func:`lookupc.runtime.cpu.tune`), with a progress bar.
+through a TVM RPC tracker (:func:`lookupc.runtime.build.tune`), with a progress bar.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def tune(model, preset, target, db_dir, trials, cost_model, verbose, rpc, rpc_ke
     shapes = _shapes_to_tune(model, preset, batch, seq_len, trust_pickle,
                              size_config(tables, bits, block_size))
     from ..progress import progress, write
-    from ..runtime import cpu as kernels
+    from ..runtime.build import tune
 
     bar = progress(total=2 * len(shapes), desc="tune", unit="kernel")
 
@@ -73,7 +73,7 @@ def tune(model, preset, target, db_dir, trials, cost_model, verbose, rpc, rpc_ke
             bar.update(1)
 
     try:
-        kernels.tune(shapes, spec.to_tvm(), db_dir, trials, cost_model=cost_model, log=log,
+        tune(shapes, spec.to_tvm(), db_dir, trials, cost_model=cost_model, log=log,
                      verbose=verbose, rpc=rpc, rpc_key=rpc_key, rpc_timeout=rpc_timeout)
     except KeyboardInterrupt:
         bar.close()

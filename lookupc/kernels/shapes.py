@@ -1,7 +1,7 @@
 """The sizes that fix one pair of LookupFFN kernels (:class:`KernelShapes`).
 
 Its own module so that the TensorIR builders (``lookupc.kernels.forward``), the schedules and
-the runtime (``lookupc.runtime.cpu``) all read it without importing each other.
+the runtime (``lookupc.runtime.build``) all read it without importing each other.
 """
 
 from __future__ import annotations

@@ -237,7 +237,7 @@ class CpuTrainingKernels(KernelCache):
 
 def kernel_catalogue(shapes, decay: float = 0.7, tile: int | None = None,
                      lanes: int = 8) -> dict:
-    """Every kernel the CPU backward runs for ``shapes`` (:class:`lookupc.runtime.cpu.KernelShapes`):
+    """Every kernel the CPU backward runs for ``shapes`` (:class:`lookupc.kernels.shapes.KernelShapes`):
     name -> (PrimFunc factory, CPU schedule ``schedule(func, lanes)``), for ``lanes``-wide
     vectors."""
     from ..kernels import backward as tb

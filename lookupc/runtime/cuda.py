@@ -112,8 +112,9 @@ class TirTrainingKernels(KernelCache):
              bits: int) -> tuple[Tensor, Tensor]:
         """Codes (int32) and scores of ``x`` [n, d_in] with the TIR hash kernel."""
         from ..kernels import forward as tir_kernels
+        from ..kernels.fold import fold_weight
+        from ..kernels.shapes import KernelShapes
         from ..schedules.cuda.hash import hash_tile, schedule_hash
-        from .cpu import KernelShapes, fold_weight
 
         reps, rounds, nb, bs, _ = weight.shape
         if rounds != 4:
@@ -136,8 +137,8 @@ class TirTrainingKernels(KernelCache):
     def gather(self, codes: Tensor, scores: Tensor, tables: Tensor, bias: Tensor) -> Tensor:
         """``y = sum_k scores * tables[k, codes] + bias`` with the TIR gather kernel."""
         from ..kernels import forward as tir_kernels
+        from ..kernels.shapes import KernelShapes
         from ..schedules.cuda.gather import schedule_gather
-        from .cpu import KernelShapes
 
         h, rows, d_out = tables.shape
         bits = rows.bit_length() - 1
@@ -258,7 +259,7 @@ class TirTrainingKernels(KernelCache):
 
 
 def kernel_catalogue(shapes, decay: float = 0.7, tokens: int | None = None) -> dict:
-    """Every CUDA kernel of a LookupFFN of ``shapes`` (:class:`lookupc.runtime.cpu.KernelShapes`):
+    """Every CUDA kernel of a LookupFFN of ``shapes`` (:class:`lookupc.kernels.shapes.KernelShapes`):
     name -> (PrimFunc factory, schedule). ``tokens`` fixes the hash forward's batch
     (default: one tile)."""
     from ..kernels import backward as tb

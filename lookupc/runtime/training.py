@@ -3,7 +3,7 @@
 :class:`KernelCache` builds each kernel once per key and keeps it (thread-safe); a
 subclass says how to build (``_build``). :func:`disk_cached` keeps compiled CPU
 modules as shared libraries in the kernel cache directory (the one
-``lookupc.runtime.cpu`` uses), so a new process loads instead of compiling. The rest is
+``lookupc.runtime.build`` uses), so a new process loads instead of compiling. The rest is
 small glue on torch tensors: token padding, alignment, the sort of the segment
 reduction.
 

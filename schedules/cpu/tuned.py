@@ -544,7 +544,7 @@ class TunedSchedule:
             self._warned.add((kind, shapes))
             warnings.warn(f"lookupc: no tuning record for the {kind} kernel {shapes.key} on "
                           f"{tvm_shim.target_mcpu(target)} in {self.db_dir}; using the hand "
-                          "schedule's knobs (run lookupc.runtime.cpu.tune first)", stacklevel=3)
+                          "schedule's knobs (run lookupc.runtime.build.tune first)", stacklevel=3)
         return knobs
 
     def hash(self, func: Any, shapes: Any, target: Any) -> Any:

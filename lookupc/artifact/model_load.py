@@ -1,4 +1,4 @@
-"""Reading models and inputs for the ``lookupc`` command, and writing ``torch.export`` programs.
+"""Reading a MODEL argument of the ``lookupc`` command into a :class:`LoadedModel`.
 
 A MODEL argument is one of
 
@@ -13,10 +13,8 @@ Example inputs come from the factory, from the ``.pt2`` file, or for a Hugging F
 model from its config: ``input_ids`` of shape ``[batch, seq_len]`` drawn from the
 vocabulary (seeded) and an all-ones ``attention_mask``.
 
-Outputs that are not plain tensors or tuples (HF ``ModelOutput`` objects, dicts) are
-flattened into a tuple of tensors before export -- :class:`FlatOutputs` -- so the
-``.pt2`` loads back with plain ``torch.export.load``; the names of the flattened
-outputs are kept in :attr:`LoadedModel.output_names`.
+A ``.pt2`` that lookupc wrote (:func:`lookupc.artifact.export.save_program`) also gives
+the names of its flattened outputs (``info["output_names"]``).
 """
 
 from __future__ import annotations
@@ -33,11 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LookupcInputError
+from .export import PT2_EXTRA
 
-__all__ = ["LoadedModel", "load_model", "load_inputs", "save_inputs", "FlatOutputs",
-           "flatten_outputs", "export_program", "describe_model_spec", "describe_tensor"]
+__all__ = ["LoadedModel", "load_model", "describe_model_spec"]
 
-PT2_EXTRA = "lookupc.json"  # extra file in .pt2s that lookupc writes: output names
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle")
 MODEL_HELP = ("a Hugging Face model dir (config.json + safetensors), a torch.export .pt2 "
@@ -263,16 +260,8 @@ def _load_pt2(spec: str) -> LoadedModel:
              for i, s in enumerate(ep.graph_signature.input_specs) if s.kind.name == "USER_INPUT"]
     info = {"exported_program": True}
     if extra[PT2_EXTRA]:
-        info.update(json.loads(extra[PT2_EXTRA]))  # output names written by save_program
+        info.update(json.loads(extra[PT2_EXTRA]))  # output names written by export.save_program
     return LoadedModel(_Unlifted.wrap(ep.module(), names), tuple(args), "pt2", spec, names, info)
-
-
-def save_program(program, path: str, output_names: list[str]) -> None:
-    """``torch.export.save`` plus the output names (kept in the .pt2 as an extra file)."""
-    import torch
-
-    torch.export.save(program, path,
-                      extra_files={PT2_EXTRA: json.dumps({"output_names": list(output_names)})})
 
 
 class _Unlifted:
@@ -418,159 +407,3 @@ def _load_pickle(spec: str, *, trust_pickle: bool, batch: int = 2,
     model, inputs = _split_model_inputs(obj, spec, "the pickle")
     return LoadedModel(model, inputs, "pickle", spec,
                        [f"input_{i}" for i in range(len(inputs))], {"pickle": True})
-
-
-# --- outputs and export ---------------------------------------------------------------------
-
-def flatten_outputs(out, prefix: str = "") -> tuple[list, list[str]]:
-    """Tensors of a (possibly nested) model output and their names, depth-first.
-
-    Dicts and HF ``ModelOutput`` objects contribute their non-``None`` values under
-    their keys; tuples and lists their items under ``prefix.i``.
-    """
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        return [out], [prefix or "output"]
-    items: list = []
-    if hasattr(out, "keys") and hasattr(out, "__getitem__"):
-        items = [(str(k), out[k]) for k in out.keys()]
-    elif isinstance(out, (tuple, list)):
-        items = [(str(i), v) for i, v in enumerate(out)]
-    elif out is None:
-        return [], []
-    else:
-        _fail(f"model output of type {type(out).__name__} is not a tensor, tuple or dict")
-    tensors, names = [], []
-    for key, value in items:
-        t, n = flatten_outputs(value, f"{prefix}.{key}" if prefix else key)
-        tensors += t
-        names += n
-    return tensors, names
-
-
-def FlatOutputs(module):  # noqa: N802 -- a factory that returns an nn.Module
-    """Wrap ``module`` so that it returns a flat tuple of tensors (see :func:`flatten_outputs`)."""
-    import torch
-
-    class _Flat(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, *args):
-            return tuple(flatten_outputs(self.inner(*args))[0])
-
-    return _Flat(module)
-
-
-def needs_flattening(out) -> bool:
-    """Whether ``out`` is anything other than a tensor or a flat tuple of tensors."""
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        return False
-    return not (type(out) in (tuple, list) and all(isinstance(t, torch.Tensor) for t in out))
-
-
-def export_program(module, example_inputs: tuple, *, dynamic: bool = True):
-    """``torch.export`` ``module`` on ``example_inputs``; outputs flattened to a tuple.
-
-    Returns
-    -------
-    program : torch.export.ExportedProgram
-    output_names : list of str
-    flattened : bool
-        Whether the outputs needed flattening (HF output objects, dicts).
-    dynamic_dims : bool
-        Whether batch and sequence dims were exported as dynamic (falls back to static
-        shapes when the model specialises them).
-    """
-    import torch
-
-    with torch.no_grad():
-        out = module(*example_inputs)
-    _, names = flatten_outputs(out)
-    flattened = needs_flattening(out)
-    wrapped = FlatOutputs(module) if flattened else module
-    if dynamic:
-        auto = torch.export.Dim.AUTO
-        shapes = tuple({i: auto for i in range(min(2, t.dim()))}
-                       if isinstance(t, torch.Tensor) else None for t in example_inputs)
-        # one spec per positional argument; FlatOutputs takes *args (one tuple)
-        dyn = (shapes,) if flattened else shapes
-        try:
-            return torch.export.export(wrapped, tuple(example_inputs),
-                                       dynamic_shapes=dyn), names, flattened, True
-        except Exception:  # noqa: BLE001 -- fall back to static shapes below
-            pass
-    program = torch.export.export(wrapped, tuple(example_inputs))
-    return program, names, flattened, False
-
-
-# --- input files ----------------------------------------------------------------------------
-
-def load_inputs(path: str) -> tuple:
-    """Positional inputs from a file: ``.pt`` (tensors only, no pickle code runs),
-    ``.safetensors`` (keys ``input_0``, ``input_1``... or any keys, in sorted order),
-    ``.npy`` or ``.npz`` (arrays in order ``arr_0``...)."""
-    import torch
-
-    p = Path(path)
-    if not p.is_file():
-        _fail(f"--input {path}: no such file")
-    if p.suffix in (".pt", ".pth"):
-        try:
-            obj = torch.load(p, weights_only=True, map_location="cpu")
-        except Exception as err:  # noqa: BLE001
-            _fail(f"--input {path}: not a tensor file ({str(err).splitlines()[0]})")
-        if isinstance(obj, dict):
-            obj = [obj[k] for k in sorted(obj, key=_natural)]
-        if isinstance(obj, torch.Tensor):
-            obj = [obj]
-        if not isinstance(obj, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in obj):
-            _fail(f"--input {path}: must hold a tensor, a tuple/list or dict of tensors")
-        return tuple(obj)
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            d = load_file(str(p))
-        except Exception as err:  # noqa: BLE001 - SafetensorError does not name the file
-            _fail(f"--input {path}: not a readable safetensors file "
-                  f"({' '.join(str(err).split())[:200]})")
-        return tuple(d[k] for k in sorted(d, key=_natural))
-    if p.suffix in (".npy", ".npz"):
-        import numpy as np
-
-        arr = np.load(p, allow_pickle=False)
-        arrays = [arr] if p.suffix == ".npy" else [arr[k] for k in sorted(arr.files, key=_natural)]
-        return tuple(torch.from_numpy(np.ascontiguousarray(a)).clone() for a in arrays)
-    _fail(f"--input {path}: unknown input file type {p.suffix!r} "
-          f"(use .pt, .safetensors, .npy or .npz)")
-    raise AssertionError  # unreachable
-
-
-def save_inputs(inputs: tuple, path: str) -> None:
-    """Write positional inputs (or outputs) as ``.safetensors`` keys ``input_0``... or a ``.pt``."""
-    import torch
-
-    tensors = {f"input_{i}": t.contiguous() for i, t in enumerate(inputs)}
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import save_file
-
-        save_file(tensors, str(path))
-    else:
-        torch.save(tensors, path)
-
-
-def describe_tensor(t, stats: bool = False) -> str:
-    """``(2, 32) int64``: shape and dtype of a tensor, with ``stats`` its mean and std."""
-    text = f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
-    if stats:
-        text += f" mean {t.float().mean().item():+.5f} std {t.float().std().item():.5f}"
-    return text
-
-
-def _natural(key: str):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
