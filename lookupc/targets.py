@@ -18,6 +18,10 @@ instructions and are not compared.
 
 Only ``lookupc.tvm_shim``-style TVM calls live here (``tvm.target.codegen``); TVM is
 imported lazily so that parsing errors need no TVM start-up.
+
+Size: parsing and the host check are one concern: both query LLVM's feature lists
+(``_features_for``, ``_cpu_features``) for the same triples, and :func:`can_execute`
+compares the ISA table's part of the features a parsed :class:`TargetSpec` enables.
 """
 
 from __future__ import annotations

@@ -5,34 +5,42 @@
 :class:`~lookupc.passes.rewrite_functional.RewriteFunctionalFFNs`, then checks the
 rewrite end to end (each LookupFFN slot temporarily holds the dense original, and
 the model's outputs must equal the original model's), and optionally distills.
+The config choice and table budget are in :mod:`lookupc.passes.configs`, the end-to-end
+check in :mod:`lookupc.passes.verify`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Mapping, Union
+from typing import Any, Callable, Mapping
 
-import torch
+import torch  # noqa: F401 - the docstring examples use it
 from torch import nn
 
 from lookupc.config import LookupConfig
-from lookupc.errors import LookupcError, LookupcInputError, PassError
+from lookupc.errors import LookupcError, LookupcInputError
 from lookupc.module import LookupFFN
 
+from .configs import (
+    ConfigSpec,
+    _cheaper_than_dense,
+    _check_config,
+    _check_table_budget,
+    _config_for,
+    _default_config,
+)
 from .infra import run_passes
-from .match_ffn import FFNMatch, FFNMatches, Skipped, analyze, normalize_inputs, tensor_leaves
+from .match_ffn import FFNMatch, FFNMatches, Skipped, analyze, normalize_inputs
 from .replacement import Replacement
 from .report import ConversionReport, MatchedFFN
 from .rewrite_functional import RewriteFunctionalFFNs
 from .rewrite_modules import SwapFFNModules
+from .verify import _eval_mode, verify_rewrite
 
 __all__ = ["find_ffns", "convert", "ConversionResult", "Replacement", "FFNMatch"]
 
-ConfigSpec = Union[None, LookupConfig, Mapping[str, LookupConfig],
-                   Callable[[FFNMatch], "LookupConfig | None"]]
 _INITS = ("random", "distill")
 
 
@@ -77,97 +85,9 @@ def find_ffns(model: nn.Module, example_inputs: Any) -> FFNMatches:
     return FFNMatches(analysis.matches, analysis.skipped)
 
 
-def _check_config(config: ConfigSpec) -> None:
-    if config is None or isinstance(config, LookupConfig) or callable(config):
-        return
-    if isinstance(config, Mapping):
-        bad = {k: v for k, v in config.items() if v is not None and not isinstance(v, LookupConfig)}
-        if bad:
-            raise LookupcInputError(f"config[{next(iter(bad))!r}] must be a LookupConfig or None")
-        return
-    raise LookupcInputError("config must be None, a LookupConfig, a dict name -> LookupConfig "
-                            f"or a callable match -> LookupConfig, got {type(config).__name__}")
-
-
-def _default_config(match: FFNMatch, init: str) -> LookupConfig:
-    """Per-FFN default: ``LookupConfig.for_distill`` when distilling a trained FFN, else
-    ``for_ffn`` (the paper's sizes, for training from scratch)."""
-    make = LookupConfig.for_distill if init == "distill" else LookupConfig.for_ffn
-    return make(match.d_in, match.d_hidden, match.d_out)
-
-
-def _config_for(config: ConfigSpec, match: FFNMatch, init: str = "random") -> LookupConfig | None:
-    """The LookupConfig for ``match``; ``None`` means "leave this FFN dense"."""
-    default = _default_config(match, init)
-    if config is None:
-        return default
-    if isinstance(config, LookupConfig):
-        cfg = config
-    elif isinstance(config, Mapping):
-        cfg = config.get(match.name, default)
-    else:
-        cfg = config(match)
-    if cfg is not None and not isinstance(cfg, LookupConfig):
-        raise LookupcInputError(f"config for FFN {match.name!r} must be a LookupConfig, "
-                                f"got {type(cfg).__name__}")
-    if cfg is not None:
-        try:
-            cfg.check_for(match.d_in)
-        except ValueError as exc:
-            raise LookupcInputError(f"config for FFN {match.name!r}: {exc}") from exc
-    return cfg
-
-
 def _make_lookup(module: nn.Module, match: FFNMatch, cfg: LookupConfig) -> LookupFFN:
     w = module.get_parameter(match.fc1_weight)
     return LookupFFN(match.d_in, match.d_out, cfg).to(device=w.device, dtype=w.dtype)
-
-
-@contextlib.contextmanager
-def _eval_mode(*modules: nn.Module) -> Iterator[None]:
-    """Put ``modules`` in eval mode and restore every submodule's flag afterwards."""
-    flags = [(m, m.training) for root in modules for m in root.modules()]
-    try:
-        for root in modules:
-            root.eval()
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def _compare(expected: list[torch.Tensor], got: list[torch.Tensor]) -> str | None:
-    if len(expected) != len(got):
-        return f"the model returns {len(got)} tensors instead of {len(expected)}"
-    for i, (a, b) in enumerate(zip(expected, got)):
-        if a.shape != b.shape:
-            return f"output {i} has shape {tuple(b.shape)} instead of {tuple(a.shape)}"
-        if a.is_floating_point():
-            if not torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True):
-                return f"output {i} differs by up to {float((a - b).abs().max()):.3g}"
-        elif not torch.equal(a, b):
-            return f"output {i} differs"
-    return None
-
-
-def verify_rewrite(original: nn.Module, converted: nn.Module,
-                   replacements: list[Replacement], example_inputs: Any) -> None:
-    """Raise PassError unless ``converted`` with each LookupFFN slot holding the dense
-    original computes what ``original`` computes on ``example_inputs``."""
-    args, kwargs = normalize_inputs(example_inputs)
-    with torch.no_grad(), _eval_mode(original, converted):
-        expected = tensor_leaves(original(*args, **kwargs))
-        for r in replacements:
-            converted.set_submodule(r.slot, r.dense)
-        try:
-            got = tensor_leaves(converted(*args, **kwargs))
-        finally:
-            for r in replacements:
-                converted.set_submodule(r.slot, r.lookup)
-    problem = _compare(expected, got)
-    if problem is not None:
-        raise PassError("verify_rewrite", f"the rewritten model with its dense FFNs put back "
-                        f"does not compute the original: {problem}")
 
 
 def _run_rewrites(model: nn.Module, matches: list[FFNMatch], lookups: dict[str, LookupFFN],
@@ -313,51 +233,6 @@ def convert(model: nn.Module, example_inputs: Any, config: ConfigSpec = None,
     if replacements:
         _measure_fidelity(result, model, example_inputs, init, min_fidelity)
     return result
-
-
-def _cheaper_than_dense(m: FFNMatch, cfg: LookupConfig, try_cheaper: bool,
-                        force: bool) -> tuple[LookupConfig | None, str]:
-    """``(cfg, "")`` when a LookupFFN with ``cfg`` costs fewer FLOPs than the dense FFN
-    (or ``force``); else a cheaper default, or ``(None, reason)``."""
-    from lookupc.config import cheaper_configs, lookup_flops
-
-    dense = m.dense_flops()
-    cost = sum(lookup_flops(m.d_in, m.d_out, cfg))
-    if cost < dense or force:
-        return cfg, ""
-    if try_cheaper:
-        for cand in cheaper_configs(cfg):
-            if sum(lookup_flops(m.d_in, m.d_out, cand)) < dense:
-                return cand, ""
-    return None, (f"a LookupFFN ({cfg.tables}x{cfg.bits} / {cfg.block_size}) would cost "
-                  f"{cost:,} FLOPs/token, the dense FFN {dense:,}"
-                  + ("; no cheaper configuration either" if try_cheaper else "")
-                  + " (force=True / --force-replace replaces it anyway)")
-
-
-def _available_bytes() -> int:
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except Exception:  # noqa: BLE001 - no psutil: assume plenty rather than refuse
-        return 1 << 62
-
-
-def _check_table_budget(matches, configs, max_table_bytes: int | None) -> None:
-    """Refuse before allocating when the tables of all LookupFFNs exceed the budget."""
-    from lookupc.config import table_bytes
-
-    budget = max_table_bytes if max_table_bytes is not None else _available_bytes() // 2
-    need = sum(table_bytes(m.d_out, configs[m.name]) for m in matches)
-    if need > budget:
-        worst = max(matches, key=lambda m: table_bytes(m.d_out, configs[m.name]))
-        c = configs[worst.name]
-        raise LookupcInputError(
-            f"the LookupFFN tables would take {need / 2**20:,.0f} MiB, over the budget of "
-            f"{budget / 2**20:,.0f} MiB (largest: {worst.name}, {c.tables} tables x 2**{c.bits} "
-            f"rows x {worst.d_out} = {table_bytes(worst.d_out, c) / 2**20:,.0f} MiB); use fewer "
-            f"bits or tables, or raise the budget (max_table_bytes / --max-table-mib)")
 
 
 def _measure_fidelity(result, model, example_inputs, init: str,

@@ -7,18 +7,16 @@ import pytest
 import torch
 
 from lookupc.errors import LookupcInputError
-from lookupc.memo.embed import (
+from lookupc.memo.embed import EmbedConfig, HiddenStateEmbedder, train_embedder
+from lookupc.memo.pairs import (
     ROLE_RECORD,
     ROLE_TRAIN,
     ROLE_VAL,
-    EmbedConfig,
-    HiddenStateEmbedder,
     apm_distance,
     apm_sketch,
     build_pairs,
     pair_distances,
     sketch_rows,
-    train_embedder,
 )
 
 

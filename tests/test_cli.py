@@ -227,9 +227,9 @@ def test_sixteen_bit_tables_on_minilm_sized_ffns_fail_before_allocating(monkeypa
     import tracemalloc
 
     import lookupc
-    from lookupc.passes import api
+    from lookupc.passes import configs
 
-    monkeypatch.setattr(api, "_available_bytes", lambda: 24 << 30)
+    monkeypatch.setattr(configs, "_available_bytes", lambda: 24 << 30)
 
     class Three(torch.nn.Module):
         def __init__(self):

@@ -17,7 +17,7 @@ pytest.importorskip("tvm")
 from lookupc import dispatch  # noqa: E402
 from lookupc import reference as ref
 from lookupc.errors import LookupcError  # noqa: E402
-from lookupc.runtime.cuda import TirTrainingKernels  # noqa: E402
+from lookupc.runtime.cuda_training import TirTrainingKernels  # noqa: E402
 
 RTOL = 1e-5
 # (n, d_in, d_out, tables, bits, block, repeats): d_in not a power of two, two repeats,

@@ -15,7 +15,8 @@ tvm = pytest.importorskip("tvm")
 
 from lookupc.errors import LookupcError  # noqa: E402
 from lookupc.kernels.shapes import KernelShapes  # noqa: E402
-from lookupc.runtime.cuda import TirTrainingKernels, cuda_source, kernel_catalogue  # noqa: E402
+from lookupc.runtime.cuda import cuda_source, kernel_catalogue  # noqa: E402
+from lookupc.runtime.cuda_training import TirTrainingKernels  # noqa: E402
 
 ARCHES = ("sm_80", "sm_90")
 # Small shapes with two repeats; the paper config is checked for resource limits below.

@@ -15,6 +15,11 @@ vocabulary (seeded) and an all-ones ``attention_mask``.
 
 A ``.pt2`` that lookupc wrote (:func:`lookupc.artifact.export.save_program`) also gives
 the names of its flattened outputs (``info["output_names"]``).
+
+Size: one loader per MODEL kind listed above (50-100 lines each) behind
+:func:`load_model`, which dispatches on :func:`describe_model_spec`; the factory and
+pickle loaders share ``_split_model_inputs`` and make this directory importable the same
+way.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from ..errors import LookupcInputError
 
 __all__ = ["TOKENIZER_DIR", "TOKENIZER_FILES", "EmbeddingSpec", "TextTruncatedWarning",
            "pool", "encode", "tokenizer_files", "bundle_tokenizer", "check_vocab",
-           "load_tokenizer", "text_fields", "read_texts", "write_embeddings"]
+           "load_tokenizer", "text_fields"]
 
 TOKENIZER_DIR = "tokenizer"
 #: the files of a Hugging Face tokenizer that an artifact may carry (no pickles)
@@ -321,59 +321,3 @@ def encode(artifact, sentences, batch_size: int = 32, normalize: bool | None = N
         out = out[0]
     return out if convert_to_tensor else out.numpy()
 
-
-# --- the command line: texts in, files out ----------------------------------------------------
-
-def read_texts(texts: tuple | list, text_file: str | None) -> list[str]:
-    """``--text`` values then the sentences of ``--text-file`` (.txt lines or .jsonl ``text``)."""
-    from ..distill.calibration_text import read_sentences
-
-    out = []
-    for i, t in enumerate(texts or (), 1):
-        if not t.strip():
-            raise LookupcInputError(f"--text number {i} is empty")
-        out.append(t)
-    if text_file:
-        out += [s for _, s in read_sentences(text_file, what="--text-file")]
-    if not out:
-        raise LookupcInputError("no texts given (--text is empty)")
-    return out
-
-
-FORMATS = {".safetensors": "safetensors", ".npy": "npy", ".jsonl": "jsonl"}
-
-
-def output_format(path: str | None, fmt: str | None) -> str | None:
-    """The embeddings file format from ``--format`` and the file's suffix."""
-    suffix = Path(path).suffix.lower() if path else ""
-    by_suffix = FORMATS.get(suffix)
-    if path and fmt is None and by_suffix is None:
-        raise LookupcInputError(f"--out {path}: unknown suffix {suffix!r} for embeddings (use "
-                                f".safetensors, .npy or .jsonl, or --format)")
-    if fmt and by_suffix and fmt != by_suffix:
-        raise LookupcInputError(f"--format {fmt} does not match --out {path}")
-    return fmt or by_suffix
-
-
-def write_embeddings(path: str | None, fmt: str, texts: list[str], emb, echo=print) -> None:
-    """Write ``emb`` (numpy ``[n, dim]``) as ``.safetensors`` (key ``embeddings``), ``.npy``
-    or JSON Lines (``{"text": ..., "embedding": [...]}`` per line; stdout without ``path``)."""
-    import numpy as np
-
-    if fmt == "jsonl":
-        lines = (json.dumps({"text": t, "embedding": [float(x) for x in e]}) + "\n"
-                 for t, e in zip(texts, emb))
-        if path is None:
-            for line in lines:
-                echo(line.rstrip("\n"))
-            return
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-    elif fmt == "npy":
-        np.save(path, np.ascontiguousarray(emb, dtype=np.float32), allow_pickle=False)
-    elif fmt == "safetensors":
-        from safetensors.numpy import save_file
-
-        save_file({"embeddings": np.ascontiguousarray(emb, dtype=np.float32)}, str(path))
-    else:
-        raise LookupcInputError(f"unknown embeddings format {fmt!r}")

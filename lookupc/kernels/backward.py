@@ -32,6 +32,11 @@ Hash backward (the BH4 chain, see :func:`lookupc.reference.hash_backward`)
     * :func:`weight_grad`: ``g_W[q, b, o, i] = sum_n g[q, n, b*BS+o] y[q, n, b*BS+i]``,
       batched over all rounds and repeats ``q``, in ``splits`` partial sums over tokens.
     * :func:`column_sum`: ``out[c] = sum_n a[n, c]`` for the first C columns (hash bias).
+
+Size: one TE builder per backward kernel (10-60 lines each, listed above), sharing the
+argument checks and ``_finish`` defined here (``backward_cpu`` imports them too); the
+block names they fix are the contract with the CUDA and CPU schedules, easiest to check
+against one file.
 """
 
 from __future__ import annotations

@@ -23,6 +23,11 @@ PrimFuncs change its shape for CPUs (scheduled in ``schedules/cpu/backward.py``)
   no wake-up of torch's OpenMP pool between two TVM kernels) runs inside the backward.
 
 All are float32, symbolic in the token count, and name their blocks stably.
+
+Size: one PrimFunc per CPU-form backward kernel, which ``lookupc.runtime.cpu_training``
+imports as one set and ``schedules/cpu/backward.py`` schedules one for one;
+``fold_rounds`` writes the folded weight layout that ``round_folded`` reads, so the two
+halves of that contract stay side by side.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Sylvester order gives ``H_D = H_{D/BS} (x) H_BS``, so the BS-wide factor of ever
 round's Hadamard transform can be multiplied into the module's blocks once, ahead of the
 kernel, leaving only the butterfly stages across blocks in the TensorIR
 (``lookupc.kernels.forward``). The runtimes (``lookupc.runtime.compiled``,
-``lookupc.runtime.cuda``) call this to prepare the hash kernel's weight argument; it is
+``lookupc.runtime.cuda_training``) call this to prepare the hash kernel's weight argument; it is
 plain torch math, so it lives here with the kernels it serves and imports no runtime.
 """
 

@@ -176,22 +176,34 @@ def make_gather(s: KernelShapes, name: str = "gather") -> "tirx.PrimFunc":
     dependence on LLVM's bf16 support); ``int8`` with an extra float32 ``scale`` buffer
     [h, rows] between ``tables`` and ``bias`` (row = scale * q).
     """
-    h, rows, d_out = s.tables, 1 << s.bits, s.d_out
-    if s.table_dtype == "float32":
-        return _gather_f32(h, rows, d_out).with_attr("global_symbol", name)
-    if s.table_dtype == "bfloat16":
-        return _gather_bf16(h, rows, d_out).with_attr("global_symbol", name)
-    return _gather_int8(h, rows, d_out).with_attr("global_symbol", name)
+    return _gather(s.tables, 1 << s.bits, s.d_out, s.table_dtype).with_attr("global_symbol", name)
 
 
-def _gather_f32(h: int, rows: int, d_out: int):
+def _term_f32(w, tables, scale, k, row, c):
+    return w * tables[k, row, c]
+
+
+def _term_bf16(w, tables, scale, k, row, c):
+    return w * T.reinterpret("float32", T.shift_left(T.Cast("int32", tables[k, row, c]), 16))
+
+
+def _term_int8(w, tables, scale, k, row, c):
+    return w * scale[k, row] * T.Cast("float32", tables[k, row, c])
+
+
+def _gather(h: int, rows: int, d_out: int, table_dtype: str):
+    """One gather PrimFunc: the loop nest is the ``nest`` macro, shared by every table dtype.
+
+    Only the weighted table term differs (``_term_*``: score ``w`` times the widened element
+    of row ``row``), plus the int8 variant's extra ``scale`` parameter. The macro is created
+    per call: TVMScript suffixes the block names of a macro's second and later expansions.
+    """
     mask = rows - 1
+    term = {"float32": _term_f32, "bfloat16": _term_bf16}.get(table_dtype, _term_int8)
+    storage = {"float32": "float32", "bfloat16": "int16"}.get(table_dtype, "int8")
 
-    @T.prim_func(s_tir=True)
-    def gather(var_codes: T.handle, var_scores: T.handle,
-               tables: T.Buffer((h, rows, d_out), "float32"),
-               bias: T.Buffer((d_out,), "float32"), var_y: T.handle):
-        T.func_attr({"global_symbol": "gather", "tirx.noalias": True})
+    @T.macro
+    def nest(var_codes, var_scores, tables, scale, bias, var_y):
         n = T.int32()
         codes = T.match_buffer(var_codes, (n, h), "int32")
         scores = T.match_buffer(var_scores, (n, h), "float32")
@@ -201,56 +213,25 @@ def _gather_f32(h: int, rows: int, d_out: int):
                 vi, vc, vk = T.axis.remap("SSR", [i, c, k])
                 with T.init():
                     y[vi, vc] = bias[vc]
-                y[vi, vc] = y[vi, vc] + scores[vi, vk] * tables[
-                    vk, T.bitwise_and(codes[vi, vk], mask), vc]
+                y[vi, vc] = y[vi, vc] + term(scores[vi, vk], tables, scale, vk,
+                                             T.bitwise_and(codes[vi, vk], mask), vc)
 
-    return gather
+    if storage != "int8":
+        @T.prim_func(s_tir=True)
+        def gather(var_codes: T.handle, var_scores: T.handle,
+                   tables: T.Buffer((h, rows, d_out), storage),
+                   bias: T.Buffer((d_out,), "float32"), var_y: T.handle):
+            T.func_attr({"global_symbol": "gather", "tirx.noalias": True})
+            nest(var_codes, var_scores, tables, None, bias, var_y)
 
-
-def _gather_bf16(h: int, rows: int, d_out: int):
-    mask = rows - 1
-
-    @T.prim_func(s_tir=True)
-    def gather(var_codes: T.handle, var_scores: T.handle,
-               tables: T.Buffer((h, rows, d_out), "int16"),
-               bias: T.Buffer((d_out,), "float32"), var_y: T.handle):
-        T.func_attr({"global_symbol": "gather", "tirx.noalias": True})
-        n = T.int32()
-        codes = T.match_buffer(var_codes, (n, h), "int32")
-        scores = T.match_buffer(var_scores, (n, h), "float32")
-        y = T.match_buffer(var_y, (n, d_out), "float32")
-        for i, c, k in T.grid(n, d_out, h):
-            with T.sblock("gather"):
-                vi, vc, vk = T.axis.remap("SSR", [i, c, k])
-                with T.init():
-                    y[vi, vc] = bias[vc]
-                y[vi, vc] = y[vi, vc] + scores[vi, vk] * T.reinterpret(
-                    "float32", T.shift_left(T.Cast("int32", tables[
-                        vk, T.bitwise_and(codes[vi, vk], mask), vc]), 16))
-
-    return gather
-
-
-def _gather_int8(h: int, rows: int, d_out: int):
-    mask = rows - 1
+        return gather
 
     @T.prim_func(s_tir=True)
-    def gather(var_codes: T.handle, var_scores: T.handle,
-               tables: T.Buffer((h, rows, d_out), "int8"),
-               scale: T.Buffer((h, rows), "float32"),
-               bias: T.Buffer((d_out,), "float32"), var_y: T.handle):
+    def gather_q(var_codes: T.handle, var_scores: T.handle,
+                 tables: T.Buffer((h, rows, d_out), "int8"),
+                 scale: T.Buffer((h, rows), "float32"),
+                 bias: T.Buffer((d_out,), "float32"), var_y: T.handle):
         T.func_attr({"global_symbol": "gather", "tirx.noalias": True})
-        n = T.int32()
-        codes = T.match_buffer(var_codes, (n, h), "int32")
-        scores = T.match_buffer(var_scores, (n, h), "float32")
-        y = T.match_buffer(var_y, (n, d_out), "float32")
-        for i, c, k in T.grid(n, d_out, h):
-            with T.sblock("gather"):
-                vi, vc, vk = T.axis.remap("SSR", [i, c, k])
-                with T.init():
-                    y[vi, vc] = bias[vc]
-                y[vi, vc] = y[vi, vc] + scores[vi, vk] * scale[
-                    vk, T.bitwise_and(codes[vi, vk], mask)] * T.Cast("float32", tables[
-                        vk, T.bitwise_and(codes[vi, vk], mask), vc])
+        nest(var_codes, var_scores, tables, scale, bias, var_y)
 
-    return gather
+    return gather_q

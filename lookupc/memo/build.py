@@ -28,17 +28,16 @@ from lookupc.memo.apm import apm_context, compute_apm, real_lengths, slice_mask
 from lookupc.memo.attention import PASS_NAME, find_self_attention, model_fingerprint, unwrap
 from lookupc.memo.calib import SimilarityCalibration, calibration_table
 from lookupc.memo.capture import CaptureBucket, CaptureRun, capture_hooks, plan_runs, run_item
-from lookupc.memo.embed import (
+from lookupc.memo.embed import EmbedConfig, train_embedder
+from lookupc.memo.pairs import (
     ROLE_CALIB,
     ROLE_QUERY,
     ROLE_RECORD,
     ROLE_TRAIN,
     ROLE_VAL,
-    EmbedConfig,
     apm_sketch,
     build_pairs,
     pair_distances,
-    train_embedder,
 )
 from lookupc.memo.perf import LayerTiming, measure_timing
 from lookupc.memo.store import BucketData, LengthGroup, MemoStore, StoreWriter, new_index

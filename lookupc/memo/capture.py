@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from lookupc.errors import LookupcInputError
 from lookupc.memo.attention import unwrap
 from lookupc.memo.data import edit_tokens, real_lengths_2d
-from lookupc.memo.embed import ROLE_CALIB, ROLE_QUERY, ROLE_RECORD, ROLE_TRAIN, ROLE_VAL, EmbedConfig
+from lookupc.memo.embed import EmbedConfig
+from lookupc.memo.pairs import ROLE_CALIB, ROLE_QUERY, ROLE_RECORD, ROLE_TRAIN, ROLE_VAL
 
 __all__ = ["CaptureRun", "CaptureBucket", "plan_runs", "capture_hooks", "run_item"]
 

@@ -39,6 +39,10 @@ target and only ``finalize`` renames it into place after the manifest (written
 last, with ``"complete": true``) is flushed. An exception inside the ``with``
 block removes the temp directory; a killed process leaves only a
 ``.name.tmp-*`` directory without a manifest, which ``MemoStore.open`` refuses.
+
+Size: the reader (``MemoStore``) and the writer (``StoreWriter``) of the one on-disk
+format described above; the file names, manifest fields and integrity hashes are defined
+here once, so the two sides cannot drift apart.
 """
 
 from __future__ import annotations

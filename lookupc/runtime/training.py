@@ -1,4 +1,4 @@
-"""What the TIR training-kernel orchestrators share (``runtime.cuda``, ``runtime.cpu_training``).
+"""What the TIR training-kernel orchestrators share (``runtime.cuda_training``, ``runtime.cpu_training``).
 
 :class:`KernelCache` builds each kernel once per key and keeps it (thread-safe); a
 subclass says how to build (``_build``). :func:`disk_cached` keeps compiled CPU

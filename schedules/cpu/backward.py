@@ -43,6 +43,11 @@ Measured (MiniLM config: d 384 -> D 512, 128 tables x 4 bits, blocks of 32; 1280
 tokens; 2 threads of a quiet 2-core Zen 3, kernels alone): hash backward 10.1-10.5 ms
 (8 rounds 5.0, the last round 0.5, weight gradient 2.6, score gradient 0.9, the rest
 1.1), gather backward 6.0 ms; one thread: 17.6 and 11 ms.
+
+Size: one schedule per backward kernel (the list above), gather and hash alike built
+from the helpers here that enforce the vector rule (``_vectorize``, ``_register_tile``,
+``_dot_rfactor``); ``lookupc.runtime.cpu_training`` keys its build cache on this
+module's source, which stays correct only while every CPU backward schedule lives in it.
 """
 
 from __future__ import annotations

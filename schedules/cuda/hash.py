@@ -11,7 +11,7 @@ in registers.
 
 The token count is fixed per build (``tokens``: the symbolic n is specialised, so no
 tile has a tail and no barrier sits under a bounds check); ``tokens`` must be a
-multiple of the tile (:func:`hash_tile`): ``lookupc.runtime.cuda`` pads the batch.
+multiple of the tile (:func:`hash_tile`): ``lookupc.runtime.cuda_training`` pads the batch.
 """
 
 from __future__ import annotations
