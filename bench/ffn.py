@@ -26,6 +26,13 @@ The script measures the machine's read bandwidth for a cache-resident buffer (``
 of an L3-sized and an L2-sized buffer, best call on all threads or on one) and reports
 ``gather_bound_ms = bytes / L3 bandwidth`` (the table-blocked gather keeps a group of
 tables and the outputs in L2/L3, not L1) and ``gather_vs_bound = gather_ms / bound``.
+
+Hash efficiency: the script measures the machine's fp32 FMA peak on the run's thread count
+(``lookupc.perf.fma_peak_gflops``: a TVM micro-kernel of independent vector FMA chains in
+registers at the host's vector width) and ``torch.mm`` of 2048 x 2048 matrices
+(``sgemm_gflops``, the practical ceiling of a tuned BLAS). LookupFFN rows add
+``hash_gflops`` (``LookupFFN.hash_flops_per_token() * tokens / hash_ms``) and
+``hash_pct_of_peak``; the JSON records ``fma_peak_gflops`` and ``sgemm_gflops`` too.
 """
 
 from __future__ import annotations
@@ -38,7 +45,16 @@ import sys
 import torch
 
 from lookupc import baselines, perf
-from lookupc.perf import CONFIGS, SCHEDULES, cpu_name, print_table, read_bandwidth, run_config
+from lookupc.perf import (
+    CONFIGS,
+    SCHEDULES,
+    cpu_name,
+    fma_peak_gflops,
+    print_table,
+    read_bandwidth,
+    run_config,
+    sgemm_gflops,
+)
 
 
 def main(argv=None) -> int:
@@ -86,11 +102,15 @@ def main(argv=None) -> int:
     print(f"CPU: {cpu_name()} (llvm mcpu {tvm_shim.llvm_get_system_cpu()}), threads: torch "
           f"{torch.get_num_threads()}, TVM {os.environ['TVM_NUM_THREADS']}; read bandwidth "
           f"L3-sized {bw_l3:.0f} GB/s, L2-sized {bw_l2:.0f} GB/s")
+    peak = fma_peak_gflops(threads)
+    sgemm = sgemm_gflops(threads)
+    print(f"fp32 FMA peak on {threads} thread(s): {peak:.1f} GFLOP/s (TVM micro-kernel); "
+          f"torch.mm 2048x2048: {sgemm:.1f} GFLOP/s ({100 * sgemm / peak:.0f}% of peak)")
     rows = []
     for c in configs:
         rows += run_config(c, args.tokens, args.repeats, schedules, tuning_db,
                            min(args.naive_tokens, args.tokens), not args.no_compile, bw_l3,
-                           table_dtypes)
+                           table_dtypes, peak_gflops=peak)
     print_table(rows)
     if args.json:
         result = {"machine": {"cpu": cpu_name(), "llvm_mcpu": tvm_shim.llvm_get_system_cpu(),
@@ -100,6 +120,7 @@ def main(argv=None) -> int:
                               "load_avg_1m": os.getloadavg()[0],
                               "isa": baselines.cpu_isa()},
                   "bandwidth_gbs": {"l3_sized_8MiB": bw_l3, "l2_sized_256KiB": bw_l2},
+                  "fma_peak_gflops": peak, "sgemm_gflops": sgemm,
                   "tuning_db": tuning_db, "rows": rows}
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

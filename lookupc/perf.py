@@ -9,6 +9,7 @@ so that ``lookupc compare`` works from an installed wheel.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
@@ -24,9 +25,9 @@ from lookupc import reference as ref
 from lookupc.config import TABLE_DTYPES  # names -> bytes per element (re-exported)
 from lookupc.schedules.registry import schedule_names
 
-__all__ = ["CONFIGS", "SCHEDULES", "TABLE_DTYPES", "cpu_name", "read_bandwidth", "dense_ffn", "run_config",
-           "print_table", "resolve_config", "kernel_shapes", "time_calls", "machine_facts",
-           "compare_report", "plot_rows"]
+__all__ = ["CONFIGS", "SCHEDULES", "TABLE_DTYPES", "cpu_name", "read_bandwidth", "fma_peak_gflops",
+           "sgemm_gflops", "dense_ffn", "run_config", "print_table", "resolve_config", "kernel_shapes",
+           "time_calls", "machine_facts", "compare_report", "plot_rows"]
 
 CONFIGS = {
     # name: (d_model, d_hidden, LookupConfig)
@@ -86,6 +87,107 @@ def _read_bandwidth(nbytes: int, seconds: float) -> float:
         best = min(best, time.perf_counter() - t)
         calls += 1
     return nbytes / best / 1e9
+
+
+#: independent accumulator vectors of the FMA peak kernel: enough to cover the FMA latency
+#: (4-5 cycles) on the FMA pipes of current x86 and Arm cores (2, sometimes 4), and with
+#: the two operands still inside the 16 vector registers of AVX2 / Neon's 32. (Zen 3, 1
+#: thread: 4 chains 48 GFLOP/s, 6: 73, 8 to 14: 95.)
+_PEAK_CHAINS = 12
+
+
+@functools.lru_cache(maxsize=None)
+def _fma_peak_kernel():
+    """``(function, lanes)``: the FMA peak micro-kernel for this host, built once per process.
+
+    ``fma_peak(seed [2, lanes], out [tasks, chains, lanes], iters)`` runs ``tasks`` parallel
+    tasks; each keeps ``chains`` accumulator vectors in registers and updates each
+    ``iters`` times with ``acc = acc * seed[0] + seed[1]`` (one vector FMA: TVM's LLVM
+    codegen contracts the multiply-add), then stores them (so nothing is dead code).
+    """
+    from lookupc import tvm_shim
+
+    tvm = tvm_shim.tvm
+    from tvm.script import tirx as T
+
+    target = tvm_shim.make_target(None)
+    lanes, chains = tvm_shim.vector_lanes(target), _PEAK_CHAINS
+
+    @T.prim_func
+    def fma_peak(var_seed: T.handle, var_out: T.handle, iters: T.int32):
+        T.func_attr({"global_symbol": "fma_peak", "tirx.noalias": True})
+        tasks = T.int32()
+        seed = T.match_buffer(var_seed, (2, lanes), "float32")
+        out = T.match_buffer(var_out, (tasks, chains, lanes), "float32")
+        for t in T.parallel(tasks):
+            acc = T.alloc_buffer((chains, lanes), "float32", scope="local")
+            for c in T.unroll(chains):
+                for v in T.vectorized(lanes):
+                    acc[c, v] = seed[1, v] * T.Cast("float32", c + 1)
+            for _ in range(iters):
+                for c in T.unroll(chains):
+                    for v in T.vectorized(lanes):
+                        acc[c, v] = acc[c, v] * seed[0, v] + seed[1, v]
+            for c in T.unroll(chains):
+                for v in T.vectorized(lanes):
+                    out[t, c, v] = acc[c, v]
+
+    module = tvm_shim.compile_module(tvm.IRModule({"fma_peak": fma_peak}), target)
+    return tvm_shim.get_function(module, "fma_peak"), lanes
+
+
+def fma_peak_gflops(threads: int = 1, seconds: float = 0.02, repeats: int = 7) -> float:
+    """The machine's measured fp32 FMA peak in GFLOP/s on ``threads`` threads.
+
+    A TVM micro-kernel (:func:`_fma_peak_kernel`, built once per process) runs
+    ``threads`` parallel tasks of independent vector FMA chains in registers, vectorised at
+    the host's width; an FMA counts 2 FLOPs. Each call is sized to about ``seconds``; the
+    best of ``repeats`` calls is reported (a peak: calls that lose the core to other jobs
+    only look slower). ``threads`` must not exceed TVM's thread pool (``TVM_NUM_THREADS``,
+    set before TVM's first parallel call), or tasks share a thread and the figure drops.
+    """
+    import numpy as np
+
+    from lookupc import tvm_shim
+
+    tvm = tvm_shim.tvm
+    fn, lanes = _fma_peak_kernel()
+    threads = max(1, int(threads))
+    seed = tvm.runtime.tensor(np.stack([np.full(lanes, 0.5, np.float32),
+                                        np.full(lanes, 1.0, np.float32)]))
+    out = tvm.runtime.tensor(np.zeros((threads, _PEAK_CHAINS, lanes), np.float32))
+    flops_per_iter = 2.0 * threads * _PEAK_CHAINS * lanes
+    iters = 1 << 14
+    while True:  # size a call to about `seconds` (at least one timed call of 2 ms)
+        t = _timed_call(fn, seed, out, iters)
+        if t >= min(seconds, 0.002) or iters >= 1 << 30:
+            break
+        iters *= 4
+    iters = max(1, min(1 << 30, int(iters * seconds / max(t, 1e-9))))
+    best = min(_timed_call(fn, seed, out, iters) for _ in range(max(1, repeats)))
+    return flops_per_iter * iters / best / 1e9
+
+
+def _timed_call(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def sgemm_gflops(threads: int = 1, n: int = 2048, repeats: int = 3) -> float:
+    """GFLOP/s of ``torch.mm`` of two ``n x n`` float32 matrices on ``threads`` torch threads
+    (best of ``repeats`` calls after a warm-up): the practical ceiling a tuned BLAS reaches."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        gen = torch.Generator().manual_seed(0)
+        a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
+        out = torch.empty(n, n)
+        torch.mm(a, b, out=out)
+        best = min(_timed_call(lambda: torch.mm(a, b, out=out)) for _ in range(max(1, repeats)))
+    finally:
+        torch.set_num_threads(old)
+    return 2.0 * n ** 3 / best / 1e9
 
 
 def dense_ffn(d: int, hidden: int) -> torch.nn.Module:
@@ -160,7 +262,11 @@ def _without_records(shapes, tuning_db) -> bool:
 
 
 def run_config(name: str, tokens: int, repeats: int, schedules, tuning_db, naive_tokens,
-               compile_dense: bool, bw_l3: float, table_dtypes=("float32",)):
+               compile_dense: bool, bw_l3: float, table_dtypes=("float32",),
+               peak_gflops: float | None = None):
+    """Rows of one config (see ``bench/ffn.py``). LookupFFN rows get ``hash_gflops``
+    (``LookupFFN.hash_flops_per_token() * tokens / hash_ms``) and, given the machine's
+    ``peak_gflops`` (:func:`fma_peak_gflops`), ``hash_pct_of_peak``."""
     d, hidden, cfg = CONFIGS[name]
     torch.manual_seed(0)
     x = torch.randn(tokens, d)
@@ -216,6 +322,9 @@ def run_config(name: str, tokens: int, repeats: int, schedules, tuning_db, naive
             row["gather_ms"] = statistics.median(t["gather"])
             row["gather_bound_ms"] = bound_ms
             row["gather_vs_bound"] = row["gather_ms"] / bound_ms
+            row["hash_gflops"] = ffn.hash_flops_per_token() * tokens / (row["hash_ms"] * 1e6)
+            if peak_gflops:
+                row["hash_pct_of_peak"] = 100.0 * row["hash_gflops"] / peak_gflops
         if scale != 1:
             row["note"] = (f"measured on {v['tokens']} tokens, {len(t['full'])} runs; "
                            f"times scaled x{scale:g} to {tokens} tokens")
@@ -225,7 +334,8 @@ def run_config(name: str, tokens: int, repeats: int, schedules, tuning_db, naive
 
 def print_table(rows) -> None:
     head = (f"{'config':12s} {'variant':24s} {'tokens':>6s} {'median ms':>10s} {'min ms':>8s} "
-            f"{'x dense':>8s} {'x best':>7s} {'hash ms':>8s} {'gather ms':>9s} {'g/bound':>7s}")
+            f"{'x dense':>8s} {'x best':>7s} {'hash ms':>8s} {'gather ms':>9s} {'g/bound':>7s} "
+            f"{'hash GF/s':>9s} {'%peak':>6s}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -234,7 +344,8 @@ def print_table(rows) -> None:
         print(f"{r['config']:12s} {r['variant']:24s} {r['tokens']:6d} {r['ms_median']:10.2f} "
               f"{r['ms_min']:8.2f} {r['speedup_vs_dense']:8.2f} "
               f"{r['speedup_vs_best_dense']:7.2f} {f('hash_ms', '8.2f'):>8s} "
-              f"{f('gather_ms', '9.2f'):>9s} {f('gather_vs_bound', '7.2f'):>7s}"
+              f"{f('gather_ms', '9.2f'):>9s} {f('gather_vs_bound', '7.2f'):>7s} "
+              f"{f('hash_gflops', '9.1f'):>9s} {f('hash_pct_of_peak', '6.1f'):>6s}"
               + ("  *" if "note" in r else ""))
     for r in rows:
         if "note" in r:
@@ -273,9 +384,9 @@ def resolve_config(name: str, config=None):
 
 
 def kernel_shapes(name: str, config=None):
-    """The :class:`~lookupc.runtime.cpu.KernelShapes` of a config name or ``DxH``
+    """The :class:`~lookupc.kernels.shapes.KernelShapes` of a config name or ``DxH``
     (:func:`resolve_config`)."""
-    from lookupc.runtime.cpu import KernelShapes
+    from lookupc.kernels.shapes import KernelShapes
 
     d, _, cfg = resolve_config(name, config)
     return KernelShapes.for_config(d, d, cfg)

@@ -118,9 +118,9 @@ CASES = [
     Case("naive_hash", "naive", "hash", SMALL),
     Case("naive_gather", "naive", "gather", SMALL),
     # cpu (hand): the default knobs, spelled out
-    Case("cpu_hash_avx2", "cpu", "hash", SMALL, hash_knobs=HashKnobs(tile=8, rows=4, cols=16)),
+    Case("cpu_hash_avx2", "cpu", "hash", SMALL, hash_knobs=HashKnobs(tile=16, rows=4, cols=16)),
     Case("cpu_hash_avx512", "cpu", "hash", SMALL, AVX512,
-         hash_knobs=HashKnobs(tile=8, rows=4, cols=16)),
+         hash_knobs=HashKnobs(tile=16, rows=4, cols=16)),
     Case("cpu_gather_register_avx2", "cpu", "gather", SMALL,
          gather_knobs=GatherKnobs(kb=4, cols=32), form="register"),
     Case("cpu_gather_register_avx512", "cpu", "gather", SMALL, AVX512,

@@ -13,14 +13,44 @@ Hash (compute-bound: ~0.5 MFLOP/token of 64x64 block matmuls at the paper config
     1. anchor on ``mix`` (the last block every output depends on), split tokens into
        tiles of ``tile`` and run tiles in parallel;
     2. ``reverse_compute_at`` the four output blocks and ``compute_at`` every producer into
-       the tile: all intermediates shrink to ``[tile, R, D]`` per thread (two ping-pong
-       buffers after lowering, L1/L2 resident);
+       the tile: all intermediates shrink to ``[tile, R, D]`` per thread (L1/L2 resident);
     3. each block matmul becomes a small GEMM micro-kernel: ``rows`` tokens x ``cols``
-       output columns accumulate in registers (``cache_write`` "local", unrolled), one
-       weight row vector is loaded per input column and shared by the ``rows`` tokens;
-    4. butterflies, padding, mix, codes and scores are vectorised along their contiguous
-       axis (output columns / tables); codes and scores reduce over bits outermost so the
-       tables stay in vector lanes (``mix`` writes z as [tau, h] for that).
+       output columns accumulate in registers (``cache_write`` "local", unrolled, the
+       write-back too), one weight row vector is loaded per input column and shared by
+       the ``rows`` tokens;
+    4. each round's butterfly stages run in one pass: per token and vector of output
+       columns the values of all D/BS blocks are loaded once, combined in registers
+       (the earlier stages become "local" buffers under the last stage's column loop,
+       unrolled over blocks) and stored once, instead of one load/store pass per stage
+       (rounds of at most ``FUSED_BUTTERFLY_MAX_BLOCKS`` blocks);
+    5. padding, mix, codes and scores are vectorised along their contiguous axis (output
+       columns / tables); codes and scores reduce over bits outermost so the tables stay
+       in vector lanes (``mix`` writes z as [tau, h] for that).
+
+    Layouts (the schedule's own buffers; the kernel's arguments keep theirs):
+    ``pad`` is stored block-major, ``[D/BS, tile, BS]``, so the first matmul's inputs
+    for one block are one contiguous panel (with ``[tile, D]`` the tile's rows sit a
+    power-of-two stride apart, in few L1 sets); the intermediates' token stride is
+    padded by one cache line when it is a multiple of 1 KiB (``storage_align``) for the
+    same reason; ``hash_bias`` is copied once per call (outside the parallel tiles) as
+    ``[tau, h]`` so that ``mix`` reads it along the tables.
+
+    Measured on a 2-core Zen 3 (AVX2, 1 thread, N=4096, old and new schedules interleaved
+    in one process, medians of 21 rounds; FLOPs by ``LookupFFN.hash_flops_per_token``;
+    FMA peak 95 GFLOP/s by ``lookupc.perf.fma_peak_gflops``): the unrolled write-back,
+    the one-pass butterflies and the layouts take the paper config (512, h=128, tau=8,
+    BS=64) to 0.78-0.84x of the time before them (default knobs: 48 -> 59-65 GFLOP/s,
+    62-69% of peak; ``tile=16``: 65-71%), MiniLM's 384 (h=96, tau=8, BS=64) to
+    0.82-0.85x, and 384 with h=128, tau=4, BS=32 to 0.87-0.95x. Dropping any one of
+    them cost 2-7% at the first two shapes. The micro-kernel itself runs at ~75-80% of
+    the FMA peak (8 accumulators with ``rows=4, cols=16`` cover Zen 3's FMA latency x 2
+    pipes exactly, without slack); the rest is the butterflies, ``mix`` (its reads across
+    bits are strided: a transpose) and the scores' exp. Tried and not kept (within noise
+    or slower): column tiles outside the row tiles, unrolling the reduction by 2-16,
+    inlining ``pad`` into the first matmul (1.10x slower), ``pad`` stored bit-major so
+    that ``mix`` reads it along the tables (1.15x), ``mix`` vectorised along the bits
+    (strided stores instead of strided loads), codes/scores with the bits innermost,
+    8-row tiles with AVX2 (1.45-1.55x: 16 accumulators spill).
 
 Gather (memory-bound: h random rows of d_out values per token), two forms
     *Table-outer* (large tables): tables in groups of ``kb`` are the outer serial loop;
@@ -71,7 +101,7 @@ class HashKnobs:
     divides ``tile``, ``cols`` divides the block size and is a multiple of the vector width.
     """
 
-    tile: Any = 8  # or (groups, rows) with tile = groups * rows
+    tile: Any = 16  # or (groups, rows) with tile = groups * rows; 16 beat 8 by 6-8% on Zen 3
     rows: Any = 4
     cols: Any = 16
 
@@ -156,13 +186,37 @@ def _hash_blocks(shapes: Any) -> list[str]:
     return names
 
 
+#: rounds with at most this many blocks run their butterflies in one pass (one vector per
+#: block live at once)
+FUSED_BUTTERFLY_MAX_BLOCKS = 16
+
+#: the token stride of an intermediate buffer is padded by this many floats (one 64-byte
+#: cache line) when it is a multiple of ``_ALIGN_FACTOR`` floats (see :func:`schedule_hash`)
+_ALIGN_OFFSET = 16
+_ALIGN_FACTOR = 256
+
+
 def schedule_hash(sch: Any, shapes: Any, lanes: int, knobs: HashKnobs) -> None:
     """Apply the hand schedule to the folded hash PrimFunc in ``sch`` (in place).
 
     ``knobs`` must already be valid for ``shapes`` (:func:`valid_hash_knobs`).
     """
-    bs, h = shapes.block_size, shapes.tables
+    bs, h, tau = shapes.block_size, shapes.tables, shapes.bits
     vec = pow2_divisor(bs, lanes)
+    chain = _hash_blocks(shapes)
+    stages = tir_kernels.hash_stage_names(shapes, fold=True)
+    # rounds whose butterflies run in one pass (needs an output-column loop: bs > 1)
+    fused = [st for st in stages if len(st) > 1 and bs > 1
+             and shapes.width // bs <= FUSED_BUTTERFLY_MAX_BLOCKS]
+    # Phase 0: layouts (module docstring, "Layouts").
+    sch.transform_layout(sch.get_sblock("pad"), ("write", 0), lambda i, c: (c // bs, i, c % bs))
+    stride = shapes.repeats * shapes.width
+    if stride % _ALIGN_FACTOR == 0:
+        kept = [n for n in chain if not any(n in st[:-1] for st in fused)]
+        for name in kept:  # the buffers that stay in memory
+            sch.storage_align(sch.get_sblock(name), 0, 0, _ALIGN_FACTOR, _ALIGN_OFFSET)
+    bias = sch.cache_read(sch.get_sblock("mix"), 2, "global")  # once per call, outside the tiles
+    sch.transform_layout(bias, ("write", 0), lambda c: (c % tau, c // tau))
     # Phase 1: token tiles in parallel, anchored at "mix".
     mix = sch.get_sblock("mix")
     i, _, _ = sch.get_loops(mix)
@@ -173,38 +227,35 @@ def schedule_hash(sch: Any, shapes: Any, lanes: int, knobs: HashKnobs) -> None:
     # Phase 2: outputs after, all producers inside the tile (consumers first).
     for name in ("code", "sabs", "den", "score"):
         sch.reverse_compute_at(sch.get_sblock(name), tile_o)
-    chain = _hash_blocks(shapes)
     for name in [*reversed(chain), "pad"]:
         sch.compute_at(sch.get_sblock(name), tile_o)
-    # Phase 3: block matmuls as register-tiled micro-kernels; butterflies vectorised.
+    # Phase 3: each round's butterflies in one pass: per token and vector of output
+    # columns, all blocks' values are combined in registers (the stages before the last
+    # become "local" buffers under the last stage's column loop).
+    for st in fused:
+        last = sch.get_sblock(st[-1])
+        b, o = sch.get_loops(last)[-2:]
+        o_o, o_i = sch.split(o, [None, vec])
+        sch.reorder(o_o, b)
+        for name in reversed(st[:-1]):
+            block = sch.get_sblock(name)
+            sch.compute_at(block, o_o)
+            sch.set_scope(block, 0, "local")
+        for name in st:
+            block_b, lane = sch.get_loops(sch.get_sblock(name))[-2:]
+            sch.vectorize(lane)
+            sch.unroll(block_b)
+    # Phase 4: block matmuls as register-tiled micro-kernels; other butterflies vectorised.
     for name in chain:
         block = sch.get_sblock(name)
         if not name.startswith("bmm"):
-            _vectorize_last(sch, block, bs, lanes)  # along o, contiguous in every stage
+            if not any(name in st for st in fused):
+                _vectorize_last(sch, block, bs, lanes)  # along o, contiguous in every stage
             continue
         if bs == 1:
             continue  # 1x1 blocks: o and k are unit loops (dropped), nothing to tile
-        # compute_at drops unit loops: [tile_i if tile > 1] [r if R > 1] [b if D > BS] o k
-        rest = sch.get_loops(block)[1:]
-        o, k = rest[-2:]
-        tiled = not (isinstance(knobs.tile, int) and knobs.tile == 1)
-        outer = list(rest[1:-2] if tiled else rest[:-2])
-        if tiled:
-            rows_o, rows_i = sch.split(rest[0], [None, knobs.rows])
-            outer.append(rows_o)
-        cols_o, cols_i = sch.split(o, [None, knobs.cols])
-        sch.reorder(*outer, cols_o, k, *([rows_i] if tiled else []), cols_i)
-        acc = sch.cache_write(block, 0, "local")  # the [rows, cols] accumulator tile
-        sch.reverse_compute_at(acc, cols_o)
-        if vec > 1:
-            unroll_v, lane = sch.split(cols_i, [None, vec])
-            sch.vectorize(lane)
-            sch.unroll(unroll_v)
-        if tiled:
-            sch.unroll(rows_i)
-        _vectorize_last(sch, acc, bs, vec)
-        sch.decompose_reduction(block, k)  # after vectorize (TVM 0.27 pitfall 4)
-    # Phase 4: padding, mix, codes and scores along their contiguous axis.
+        _schedule_bmm(sch, block, knobs, bs, vec)
+    # Phase 5: padding, mix, codes and scores along their contiguous axis.
     _vectorize_last(sch, sch.get_sblock("pad"), shapes.width, lanes)
     _vectorize_last(sch, sch.get_sblock("mix"), h, lanes)
     for name in ("code", "sabs", "den"):
@@ -216,6 +267,38 @@ def schedule_hash(sch: Any, shapes: Any, lanes: int, knobs: HashKnobs) -> None:
         _vectorize_last(sch, block, h, lanes)
         sch.decompose_reduction(block, bit)
     _vectorize_last(sch, sch.get_sblock("score"), h, lanes)
+
+
+def _schedule_bmm(sch: Any, block: Any, knobs: HashKnobs, bs: int, vec: int) -> None:
+    """One block matmul as a GEMM micro-kernel: a ``rows x cols`` accumulator tile in
+    registers, one weight row vector per input column shared by the ``rows`` tokens."""
+    # compute_at drops unit loops: [tile_i if tile > 1] [r if R > 1] [b if D > BS] o k
+    rest = sch.get_loops(block)[1:]
+    o, k = rest[-2:]
+    tiled = not (isinstance(knobs.tile, int) and knobs.tile == 1)
+    outer = list(rest[1:-2] if tiled else rest[:-2])
+    if tiled:
+        rows_o, rows_i = sch.split(rest[0], [None, knobs.rows])
+        outer.append(rows_o)
+    cols_o, cols_i = sch.split(o, [None, knobs.cols])
+    sch.reorder(*outer, cols_o, k, *([rows_i] if tiled else []), cols_i)
+    acc = sch.cache_write(block, 0, "local")  # the [rows, cols] accumulator tile
+    sch.reverse_compute_at(acc, cols_o)
+    if vec > 1:
+        unroll_v, lane = sch.split(cols_i, [None, vec])
+        sch.vectorize(lane)
+        sch.unroll(unroll_v)
+    if tiled:
+        sch.unroll(rows_i)
+    _vectorize_last(sch, acc, bs, vec)
+    # the write-back fully unrolled too, so that LLVM keeps the tile in registers (a loop
+    # over it leaves a stack copy that every tile stores and reloads)
+    loops = sch.get_loops(acc)
+    anchor = sch.get(cols_o)
+    own = [lp for n, lp in enumerate(loops) if any(sch.get(p).same_as(anchor) for p in loops[:n])]
+    for lp in own[:-1] if vec > 1 else own:
+        sch.unroll(lp)
+    sch.decompose_reduction(block, k)  # after vectorize (TVM 0.27 pitfall 4)
 
 
 def schedule_gather(sch: Any, shapes: Any, lanes: int, knobs: GatherKnobs) -> None:

@@ -16,7 +16,7 @@ class Module:
         n = T.int32()
         T.func_attr({"global_symbol": "hash", "tirx.noalias": True})
         # with T.sblock("root"):
-        pad = T.sblock_alloc_buffer(((n + 15) // 16 * 16, 64))
+        pad = T.sblock_alloc_buffer((2, (n + 15) // 16 * 16, 32))
         bmm0 = T.sblock_alloc_buffer(((n + 15) // 16 * 16, 1, 2, 32))
         fwht0_0 = T.sblock_alloc_buffer(((n + 15) // 16 * 16, 1, 2, 32))
         bmm1 = T.sblock_alloc_buffer(((n + 15) // 16 * 16, 1, 2, 32))
@@ -28,10 +28,17 @@ class Module:
         mix = T.sblock_alloc_buffer(((n + 15) // 16 * 16, 4, 8))
         sabs = T.sblock_alloc_buffer(((n + 15) // 16 * 16, 8))
         den = T.sblock_alloc_buffer(((n + 15) // 16 * 16, 8))
+        hash_bias_global = T.sblock_alloc_buffer((4, 8))
         bmm0_local = T.sblock_alloc_buffer(((n + 15) // 16 * 16, 1, 2, 32), scope="local")
         bmm1_local = T.sblock_alloc_buffer(((n + 15) // 16 * 16, 1, 2, 32), scope="local")
         bmm2_local = T.sblock_alloc_buffer(((n + 15) // 16 * 16, 1, 2, 32), scope="local")
         bmm3_local = T.sblock_alloc_buffer(((n + 15) // 16 * 16, 1, 2, 32), scope="local")
+        for ax0 in range(32):
+            with T.sblock("hash_bias_global"):
+                v0 = T.axis.spatial(32, ax0)
+                T.reads(hash_bias[v0])
+                T.writes(hash_bias_global[v0 % 4, v0 // 4])
+                hash_bias_global[v0 % 4, v0 // 4] = hash_bias[v0]
         for i_0 in T.parallel((n + 15) // 16 * 2):
             for ax0, ax1_0 in T.grid(8, 8):
                 for ax1_1 in T.vectorized(8):
@@ -39,8 +46,8 @@ class Module:
                         v_i = T.axis.spatial((n + 15) // 16 * 16, i_0 * 8 + ax0)
                         v_c = T.axis.spatial(64, ax1_0 * 8 + ax1_1)
                         T.reads(x[T.min(v_i, n - 1), v_c])
-                        T.writes(pad[v_i, v_c])
-                        pad[v_i, v_c] = T.if_then_else(v_c < 64, x[T.min(v_i, n - 1), v_c], T.float32(0.0))
+                        T.writes(pad[v_c // 32, v_i, v_c % 32])
+                        pad[v_c // 32, v_i, v_c % 32] = T.if_then_else(v_c < 64, x[T.min(v_i, n - 1), v_c], T.float32(0.0))
             for ax1, ax0_0, ax2_0 in T.grid(2, 2, 4):
                 for ax0_1_init in T.unroll(4):
                     for ax2_1_0_init in T.unroll(1):
@@ -63,19 +70,20 @@ class Module:
                                     v_b = T.axis.spatial(2, ax1)
                                     v_o = T.axis.spatial(32, ax2_0 * 8 + ax2_1_0 * 8 + ax2_1_1)
                                     v_k = T.axis.reduce(32, ax3)
-                                    T.reads(bmm0_local[v_i, v_r, v_b, v_o], weight[v_r, 0, v_b, v_k, v_o], pad[v_i, v_b * 32 + v_k])
+                                    T.reads(bmm0_local[v_i, v_r, v_b, v_o], weight[v_r, 0, v_b, v_k, v_o], pad[v_b, v_i, v_k])
                                     T.writes(bmm0_local[v_i, v_r, v_b, v_o])
-                                    bmm0_local[v_i, v_r, v_b, v_o] = bmm0_local[v_i, v_r, v_b, v_o] + weight[v_r, 0, v_b, v_k, v_o] * pad[v_i, v_b * 32 + v_k]
-                for ax0, ax1_0 in T.grid(4, 1):
-                    for ax1_1 in T.vectorized(8):
-                        with T.sblock("bmm0_local"):
-                            v0 = T.axis.spatial((n + 15) // 16 * 16, i_0 * 8 + ax0_0 * 4 + ax0)
-                            v1 = T.axis.spatial(1, 0)
-                            v2 = T.axis.spatial(2, ax1)
-                            v3 = T.axis.spatial(32, ax2_0 * 8 + ax1_0 * 8 + ax1_1)
-                            T.reads(bmm0_local[v0, v1, v2, v3])
-                            T.writes(bmm0[v0, v1, v2, v3])
-                            bmm0[v0, v1, v2, v3] = bmm0_local[v0, v1, v2, v3]
+                                    bmm0_local[v_i, v_r, v_b, v_o] = bmm0_local[v_i, v_r, v_b, v_o] + weight[v_r, 0, v_b, v_k, v_o] * pad[v_b, v_i, v_k]
+                for ax0 in T.unroll(4):
+                    for ax1_0 in T.unroll(1):
+                        for ax1_1 in T.vectorized(8):
+                            with T.sblock("bmm0_local"):
+                                v0 = T.axis.spatial((n + 15) // 16 * 16, i_0 * 8 + ax0_0 * 4 + ax0)
+                                v1 = T.axis.spatial(1, 0)
+                                v2 = T.axis.spatial(2, ax1)
+                                v3 = T.axis.spatial(32, ax2_0 * 8 + ax1_0 * 8 + ax1_1)
+                                T.reads(bmm0_local[v0, v1, v2, v3])
+                                T.writes(bmm0[v0, v1, v2, v3])
+                                bmm0[v0, v1, v2, v3] = bmm0_local[v0, v1, v2, v3]
             for ax0, ax1, ax2_0 in T.grid(8, 2, 4):
                 for ax2_1 in T.vectorized(8):
                     with T.sblock("fwht0_0"):
@@ -111,16 +119,17 @@ class Module:
                                     T.reads(bmm1_local[v_i, v_r, v_b, v_o], weight[v_r, 1, v_b, v_k, v_o], fwht0_0[v_i, v_r, v_b, v_k])
                                     T.writes(bmm1_local[v_i, v_r, v_b, v_o])
                                     bmm1_local[v_i, v_r, v_b, v_o] = bmm1_local[v_i, v_r, v_b, v_o] + weight[v_r, 1, v_b, v_k, v_o] * fwht0_0[v_i, v_r, v_b, v_k]
-                for ax0, ax1_0 in T.grid(4, 1):
-                    for ax1_1 in T.vectorized(8):
-                        with T.sblock("bmm1_local"):
-                            v0 = T.axis.spatial((n + 15) // 16 * 16, i_0 * 8 + ax0_0 * 4 + ax0)
-                            v1 = T.axis.spatial(1, 0)
-                            v2 = T.axis.spatial(2, ax1)
-                            v3 = T.axis.spatial(32, ax2_0 * 8 + ax1_0 * 8 + ax1_1)
-                            T.reads(bmm1_local[v0, v1, v2, v3])
-                            T.writes(bmm1[v0, v1, v2, v3])
-                            bmm1[v0, v1, v2, v3] = bmm1_local[v0, v1, v2, v3]
+                for ax0 in T.unroll(4):
+                    for ax1_0 in T.unroll(1):
+                        for ax1_1 in T.vectorized(8):
+                            with T.sblock("bmm1_local"):
+                                v0 = T.axis.spatial((n + 15) // 16 * 16, i_0 * 8 + ax0_0 * 4 + ax0)
+                                v1 = T.axis.spatial(1, 0)
+                                v2 = T.axis.spatial(2, ax1)
+                                v3 = T.axis.spatial(32, ax2_0 * 8 + ax1_0 * 8 + ax1_1)
+                                T.reads(bmm1_local[v0, v1, v2, v3])
+                                T.writes(bmm1[v0, v1, v2, v3])
+                                bmm1[v0, v1, v2, v3] = bmm1_local[v0, v1, v2, v3]
             for ax0, ax1, ax2_0 in T.grid(8, 2, 4):
                 for ax2_1 in T.vectorized(8):
                     with T.sblock("fwht1_0"):
@@ -156,16 +165,17 @@ class Module:
                                     T.reads(bmm2_local[v_i, v_r, v_b, v_o], weight[v_r, 2, v_b, v_k, v_o], fwht1_0[v_i, v_r, v_b, v_k])
                                     T.writes(bmm2_local[v_i, v_r, v_b, v_o])
                                     bmm2_local[v_i, v_r, v_b, v_o] = bmm2_local[v_i, v_r, v_b, v_o] + weight[v_r, 2, v_b, v_k, v_o] * fwht1_0[v_i, v_r, v_b, v_k]
-                for ax0, ax1_0 in T.grid(4, 1):
-                    for ax1_1 in T.vectorized(8):
-                        with T.sblock("bmm2_local"):
-                            v0 = T.axis.spatial((n + 15) // 16 * 16, i_0 * 8 + ax0_0 * 4 + ax0)
-                            v1 = T.axis.spatial(1, 0)
-                            v2 = T.axis.spatial(2, ax1)
-                            v3 = T.axis.spatial(32, ax2_0 * 8 + ax1_0 * 8 + ax1_1)
-                            T.reads(bmm2_local[v0, v1, v2, v3])
-                            T.writes(bmm2[v0, v1, v2, v3])
-                            bmm2[v0, v1, v2, v3] = bmm2_local[v0, v1, v2, v3]
+                for ax0 in T.unroll(4):
+                    for ax1_0 in T.unroll(1):
+                        for ax1_1 in T.vectorized(8):
+                            with T.sblock("bmm2_local"):
+                                v0 = T.axis.spatial((n + 15) // 16 * 16, i_0 * 8 + ax0_0 * 4 + ax0)
+                                v1 = T.axis.spatial(1, 0)
+                                v2 = T.axis.spatial(2, ax1)
+                                v3 = T.axis.spatial(32, ax2_0 * 8 + ax1_0 * 8 + ax1_1)
+                                T.reads(bmm2_local[v0, v1, v2, v3])
+                                T.writes(bmm2[v0, v1, v2, v3])
+                                bmm2[v0, v1, v2, v3] = bmm2_local[v0, v1, v2, v3]
             for ax0, ax1, ax2_0 in T.grid(8, 2, 4):
                 for ax2_1 in T.vectorized(8):
                     with T.sblock("fwht2_0"):
@@ -201,16 +211,17 @@ class Module:
                                     T.reads(bmm3_local[v_i, v_r, v_b, v_o], weight[v_r, 3, v_b, v_k, v_o], fwht2_0[v_i, v_r, v_b, v_k])
                                     T.writes(bmm3_local[v_i, v_r, v_b, v_o])
                                     bmm3_local[v_i, v_r, v_b, v_o] = bmm3_local[v_i, v_r, v_b, v_o] + weight[v_r, 3, v_b, v_k, v_o] * fwht2_0[v_i, v_r, v_b, v_k]
-                for ax0, ax1_0 in T.grid(4, 1):
-                    for ax1_1 in T.vectorized(8):
-                        with T.sblock("bmm3_local"):
-                            v0 = T.axis.spatial((n + 15) // 16 * 16, i_0 * 8 + ax0_0 * 4 + ax0)
-                            v1 = T.axis.spatial(1, 0)
-                            v2 = T.axis.spatial(2, ax1)
-                            v3 = T.axis.spatial(32, ax2_0 * 8 + ax1_0 * 8 + ax1_1)
-                            T.reads(bmm3_local[v0, v1, v2, v3])
-                            T.writes(bmm3[v0, v1, v2, v3])
-                            bmm3[v0, v1, v2, v3] = bmm3_local[v0, v1, v2, v3]
+                for ax0 in T.unroll(4):
+                    for ax1_0 in T.unroll(1):
+                        for ax1_1 in T.vectorized(8):
+                            with T.sblock("bmm3_local"):
+                                v0 = T.axis.spatial((n + 15) // 16 * 16, i_0 * 8 + ax0_0 * 4 + ax0)
+                                v1 = T.axis.spatial(1, 0)
+                                v2 = T.axis.spatial(2, ax1)
+                                v3 = T.axis.spatial(32, ax2_0 * 8 + ax1_0 * 8 + ax1_1)
+                                T.reads(bmm3_local[v0, v1, v2, v3])
+                                T.writes(bmm3[v0, v1, v2, v3])
+                                bmm3[v0, v1, v2, v3] = bmm3_local[v0, v1, v2, v3]
             for ax0, ax1_0 in T.grid(8, 4):
                 for ax1_1 in T.vectorized(8):
                     with T.sblock("fwht3_0"):
@@ -227,9 +238,9 @@ class Module:
                         v_i = T.axis.spatial((n + 15) // 16 * 16, i_0 * 8 + i_1 * 4 + i_2)
                         v_b = T.axis.spatial(4, b)
                         v_t = T.axis.spatial(8, t_0 * 8 + t_1)
-                        T.reads(fwht3_0[v_i, (v_t * 4 + v_b) // 64, (v_t * 4 + v_b) % 64 // 32, (v_t * 4 + v_b) % 32], pad[v_i, (v_t * 4 + v_b) % 64], hash_bias[v_t * 4 + v_b])
+                        T.reads(fwht3_0[v_i, (v_t * 4 + v_b) // 64, (v_t * 4 + v_b) % 64 // 32, (v_t * 4 + v_b) % 32], pad[(v_t * 4 + v_b) % 64 // 32, v_i, (v_t * 4 + v_b) % 32], hash_bias_global[v_b, v_t])
                         T.writes(mix[v_i, v_b, v_t])
-                        mix[v_i, v_b, v_t] = decay * fwht3_0[v_i, (v_t * 4 + v_b) // 64, (v_t * 4 + v_b) % 64 // 32, (v_t * 4 + v_b) % 32] + (T.float32(1.0) - decay) * pad[v_i, (v_t * 4 + v_b) % 64] + hash_bias[v_t * 4 + v_b]
+                        mix[v_i, v_b, v_t] = decay * fwht3_0[v_i, (v_t * 4 + v_b) // 64, (v_t * 4 + v_b) % 64 // 32, (v_t * 4 + v_b) % 32] + (T.float32(1.0) - decay) * pad[(v_t * 4 + v_b) % 64 // 32, v_i, (v_t * 4 + v_b) % 32] + hash_bias_global[v_b, v_t]
             for ax0 in range(8):
                 for ax1_0_init in range(1):
                     for ax1_1_init in T.vectorized(8):
