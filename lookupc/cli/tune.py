@@ -57,7 +57,7 @@ def tune(model, preset, target, db_dir, trials, cost_model, verbose, rpc, rpc_ke
             raise usage(f"cannot tune for {spec} here: tuning measures the kernels, and "
                         f"{why}; measure on the board with --rpc HOST:PORT --key KEY")
     else:  # fail fast, before loading and converting the model
-        from ..schedules.cpu.tuned import check_tracker, parse_rpc
+        from ..schedules.cpu.tune_rpc import check_tracker, parse_rpc
 
         check_tracker(parse_rpc(rpc, rpc_key), rpc_timeout)
     shapes = _shapes_to_tune(model, preset, batch, seq_len, trust_pickle,

@@ -33,7 +33,14 @@ KEY (MetaSchedule ``RPCRunner``). The tracker is asked for its summary, with a s
 timeout, before any tuning starts: one that does not answer, or has no server under KEY,
 is a :class:`~lookupc.errors.LookupcError` naming both. The modules travel as ``.tar``
 (linked on the board by its ``tvm.exec.rpc_server``, which needs a C compiler there); the
-int32 inputs are filled with valid codes here and copied to the board.
+int32 inputs are filled with valid codes here and copied to the board
+(:mod:`lookupc.schedules.cpu.tune_rpc` names and checks the board;
+:mod:`lookupc.schedules.cpu.tune_run` holds the run's log, Ctrl-C and scratch plumbing).
+
+Size: the design space, the knob decoding of a record's trace, the workers (pickled by
+value from this module, so they must live here), the database queries and
+:class:`TunedSchedule`, which reads back what :func:`tune` writes, share one convention
+for workloads and records and are kept together.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, NamedTuple
+from typing import Any
 
 from lookupc import tvm_shim
 from lookupc.errors import LookupcInputError
@@ -57,6 +64,8 @@ from lookupc.schedules.cpu.hand import (
     valid_gather_knobs,
     valid_hash_knobs,
 )
+from lookupc.schedules.cpu.tune_rpc import RemoteDevice, check_tracker, parse_rpc
+from lookupc.schedules.cpu.tune_run import _quiet_tvm_logs, _StopOnInterrupt, tempfile_dir
 
 NAME = "tuned"
 TUNE_TOKENS = 1024
@@ -228,79 +237,6 @@ def _builder_runner(max_code: int, remote: RemoteDevice | None = None):
     return builder, runner
 
 
-# ----------------------------------------------------------------------------- rpc
-class RemoteDevice(NamedTuple):
-    """A board behind a TVM RPC tracker: ``host:port`` of the tracker, the board's key."""
-
-    host: str
-    port: int
-    key: str
-
-    def __str__(self) -> str:
-        return f"key {self.key!r} at the RPC tracker {self.host}:{self.port}"
-
-
-def parse_rpc(address: str, key: str | None) -> RemoteDevice:
-    """``"HOST:PORT"`` and a key -> :class:`RemoteDevice` (``LookupcInputError`` if bad)."""
-    from lookupc.errors import LookupcInputError
-
-    if not address:
-        raise LookupcInputError(f"rpc key {key!r} given without the tracker's HOST:PORT")
-    host, sep, port = str(address).rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise LookupcInputError(f"rpc address {address!r}: expected HOST:PORT of a TVM RPC "
-                                f"tracker, e.g. 127.0.0.1:9190")
-    if not key:
-        raise LookupcInputError(f"rpc tracker {address}: give the key its board registered "
-                                f"with (rpc_server --key KEY)")
-    return RemoteDevice(host.strip("[]"), int(port), str(key))
-
-
-def check_tracker(remote: RemoteDevice, timeout: float = 10.0) -> dict:
-    """Ask the tracker for its summary within ``timeout`` seconds; raise
-    :class:`~lookupc.errors.LookupcError` naming ``host:port`` and the key when it does not
-    answer, is not a tracker, or has no server registered under the key.
-
-    Returns ``{"servers": n, "free": m}`` for the key. (TVM's own client retries a refused
-    connection for a minute and waits forever on a silent one.)"""
-    import socket
-    import struct
-
-    from tvm.rpc import base
-
-    from lookupc.errors import LookupcError
-
-    where = f"the RPC tracker {remote.host}:{remote.port} (key {remote.key!r})"
-    hint = (f"; check it with: python -m tvm.exec.query_rpc_tracker --host {remote.host} "
-            f"--port {remote.port}")
-    try:
-        with socket.create_connection((remote.host, remote.port), timeout=timeout) as sock:
-            sock.settimeout(timeout)
-            sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
-            magic = struct.unpack("<i", base.recvall(sock, 4))[0]
-            if magic != base.RPC_TRACKER_MAGIC:
-                raise LookupcError(f"{where} is not a TVM RPC tracker (wrong handshake)")
-            base.sendjson(sock, [base.TrackerCode.SUMMARY])
-            reply = base.recvjson(sock)
-    except TimeoutError:
-        raise LookupcError(f"{where} did not answer within {timeout:g} s{hint}") from None
-    except (OSError, ValueError, struct.error) as err:
-        raise LookupcError(f"cannot reach {where}: {err}{hint}") from None
-    if not (isinstance(reply, list) and reply and reply[0] == base.TrackerCode.SUCCESS):
-        raise LookupcError(f"{where} gave an unexpected summary reply {reply!r}")
-    summary = reply[1]
-    keys = [str(item.get("key", "")).partition(":")[2] for item in summary.get("server_info", [])]
-    servers = keys.count(remote.key)
-    if servers == 0:
-        present = ", ".join(sorted(set(k for k in keys if k))) or "none"
-        raise LookupcError(f"{where} has no server registered under key {remote.key!r} "
-                           f"(keys there: {present}); start one on the board with: python -m "
-                           f"tvm.exec.rpc_server --tracker {remote.host}:{remote.port} "
-                           f"--key {remote.key}")
-    free = summary.get("queue_info", {}).get(remote.key, {}).get("free", servers)
-    return {"servers": servers, "free": int(free)}
-
-
 # ----------------------------------------------------------------------------- database
 def _open_db(db_dir: str, create: bool) -> Any | None:
     ms = _ms()
@@ -344,39 +280,6 @@ def _strategy(trials: int) -> Any:
 
 #: trials per tune_tir call: the most an interrupt can lose (see :func:`tune`)
 CHUNK = 4
-
-
-class _quiet_tvm_logs:
-    """MetaSchedule logs every step at DEBUG to the console (its console handler takes the
-    level of the ``tvm.s_tir.meta_schedule`` logger, DEBUG when unset) and to files under
-    the work directory. Unless ``verbose``, raise that logger to WARNING so the console
-    only shows problems; the files (``db_dir/logs/*.log``) keep everything."""
-
-    def __init__(self, scratch: str, verbose: bool):
-        self.verbose = verbose
-
-    def __enter__(self):
-        import logging
-
-        if not self.verbose:
-            self.logger = logging.getLogger("tvm.s_tir.meta_schedule")
-            self.level = self.logger.level
-            self.logger.setLevel(logging.WARNING)
-            self.filter = _DropLevelHint()
-            self.logger.addFilter(self.filter)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if not self.verbose:
-            self.logger.setLevel(self.level)
-            self.logger.removeFilter(self.filter)
-
-
-class _DropLevelHint:
-    """Drops MetaSchedule's "Logging level set to WARNING, please set to INFO" line."""
-
-    def filter(self, record) -> bool:
-        return not str(record.msg).startswith("Logging level set to")
 
 
 def tune(shapes_list: list, target: Any, db_dir: str, trials: int,
@@ -434,42 +337,6 @@ def tune(shapes_list: list, target: Any, db_dir: str, trials: int,
     return db_dir
 
 
-class _StopOnInterrupt:
-    """Ctrl-C during tuning: finish the chunk in flight, keep its records, then stop
-    (``KeyboardInterrupt``). A second Ctrl-C interrupts at once. MetaSchedule runs much of
-    a chunk in C++ and in worker pools, where a plain KeyboardInterrupt is swallowed or
-    lands mid-write; stopping between chunks is what keeps the database whole."""
-
-    def __init__(self, log):
-        self.log, self.requested, self.previous = log, False, None
-
-    def _handler(self, signum, frame) -> None:
-        import signal
-
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous or signal.default_int_handler)
-        self.log("interrupt: stopping after the trials in flight (Ctrl-C again to abort now)")
-
-    def __enter__(self):
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread() and not self.requested:
-            signal.signal(signal.SIGINT, self.previous or signal.default_int_handler)
-
-    def check(self) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-
-
 def _tune_one(ms, number, njobs, kind, shapes, target, db_dir, trials, lanes, cost_model,
               log, verbose, stop, remote=None) -> None:
     """Tune one kernel in chunks (see :func:`tune`)."""
@@ -515,20 +382,6 @@ def _tune_one(ms, number, njobs, kind, shapes, target, db_dir, trials, lanes, co
     log(f"{label}: done in {time.time() - start:.0f}s, {len(best)} records, best "
         f"{min(secs) * 1e3:.2f} ms at {TUNE_TOKENS} tokens, knobs {knobs}" if secs else
         f"{label}: done in {time.time() - start:.0f}s, no successful measurement")
-
-
-class tempfile_dir:
-    """A scratch directory for tune_tir's logs under ``db_dir`` (kept for inspection)."""
-
-    def __init__(self, db_dir: str):
-        self.path = os.path.join(db_dir, "logs")
-
-    def __enter__(self) -> str:
-        os.makedirs(self.path, exist_ok=True)
-        return self.path
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 # ----------------------------------------------------------------------------- schedule
