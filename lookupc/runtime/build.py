@@ -220,7 +220,7 @@ def tune(shapes_list, target: Any, db_dir: str, trials: int, **kwargs) -> str:
     """Tune the hash and gather of every shape set into the MetaSchedule database ``db_dir``.
 
     Resumable: records already in the database are kept and their knob settings are not
-    measured again; progress is printed. See ``schedules/tuned.py``. Returns ``db_dir``.
+    measured again; progress is printed. See ``schedules/cpu/tuned.py``. Returns ``db_dir``.
 
     ``rpc="HOST:PORT", rpc_key="KEY"`` measure on a remote board through a TVM RPC tracker
     (``target`` is the board's); a tracker that does not answer within ``rpc_timeout``
