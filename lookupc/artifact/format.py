@@ -145,16 +145,19 @@ def write_artifact(out_dir: str | os.PathLike, *, program, example_inputs: tuple
     return manifest
 
 
-def prepare_dir(out: Path, overwrite: bool) -> None:
-    """Refuse ``out`` unless it is absent, empty, or an artifact that ``overwrite`` may replace."""
+def prepare_dir(out: Path, overwrite: bool, marker: str = MANIFEST,
+                what: str = "artifact") -> None:
+    """Refuse ``out`` unless it is absent, empty, or a directory lookupc wrote (it holds
+    ``marker``) that ``overwrite`` may replace. ``what`` names it in the messages (the
+    sentence-transformers export uses this too)."""
     if out.exists() and not out.is_dir():
         raise LookupcInputError(f"-o {out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
-        if not (out / MANIFEST).is_file():
+        if not (out / marker).is_file():
             raise LookupcInputError(f"-o {out}: a non-empty directory that is not a lookupc "
-                                    f"artifact; refusing to replace it")
+                                    f"{what}; refusing to replace it")
         if not overwrite:
-            raise LookupcInputError(f"-o {out}: artifact exists; pass --force to replace it")
+            raise LookupcInputError(f"-o {out}: {what} exists; pass --force to replace it")
 
 
 # --- verifying ------------------------------------------------------------------------------

@@ -54,16 +54,10 @@ def write_st_dir(out_dir: str | os.PathLike, program, output_names: list[str],
     from ``tokenizer`` with ``save_pretrained``. Returns the directory.
     """
     from .export import save_program
+    from .format import prepare_dir
 
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise LookupcInputError(f"-o {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / LOOKUPC_JSON).is_file():
-            raise LookupcInputError(f"-o {out}: a non-empty directory that lookupc did not "
-                                    f"write; refusing to replace it")
-        if not overwrite:
-            raise LookupcInputError(f"-o {out}: exists; remove it or pass --force")
+    prepare_dir(out, overwrite, marker=LOOKUPC_JSON, what="sentence-transformers export")
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
