@@ -20,6 +20,10 @@ Steps of :func:`analyze`:
 Steps 1 and 2 (the export, its graph view and the linear sites) are in
 :mod:`lookupc.passes.ffn_graph`; this module holds the result types, the candidates,
 the filters and the matches.
+
+Size: the result types (what a match or a skip says) and the candidate filters that fill
+them read together; reading the graph (inputs, graph view, linear sites) is in
+:mod:`lookupc.passes.ffn_graph`.
 """
 
 from __future__ import annotations

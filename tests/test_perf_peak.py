@@ -1,4 +1,4 @@
-"""Sanity of the machine-peak helpers ``bench/ffn.py`` reports (``lookupc.perf``).
+"""Sanity of the machine-peak helpers ``bench/ffn.py`` reports (``lookupc.machine``).
 
 Only plausibility is checked, never speed: the figures must be positive and below what
 any CPU of the host's vector width could reach (lanes x 2 FLOPs per FMA x 2 FMA pipes x
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from lookupc import perf, tvm_shim
+from lookupc import machine as perf
+from lookupc import tvm_shim
 
 MAX_GHZ, FMA_PIPES = 5.0, 2
 

@@ -76,6 +76,10 @@ compute block (``../shared/notes/tvm`` recipe 02); measured there it gave nothin
 token-outer gathers on a quiet box and slowed the table-blocked gather (the group of
 tables is already cache resident, so the rows the prefetch would fetch are in L2/L3).
 It is therefore not used.
+
+Size: the hash and the gather schedules share the knob types, the vector-width rules and
+the helpers that ``tuned`` searches over, and the ~50-line design note above (what each
+step does and what was measured) is part of the count.
 """
 
 from __future__ import annotations
