@@ -27,14 +27,14 @@ import warnings
 import torch
 from torch import nn
 
+from .config import REST_DTYPES
 from .errors import LookupcInputError
 
-__all__ = ["quantize_rest", "quantize_rest_graph", "REST_DTYPES", "Bf16Linear"]
-
-REST_DTYPES = ("float32", "int8", "bfloat16")
+__all__ = ["quantize_rest", "quantize_rest_graph", "check_rest_dtype", "REST_DTYPES", "Bf16Linear"]
 
 
-def _check(dtype: str) -> None:
+def check_rest_dtype(dtype: str) -> None:
+    """Raise :class:`LookupcInputError` unless ``dtype`` is one of :data:`REST_DTYPES`."""
     if dtype not in REST_DTYPES:
         raise LookupcInputError(f"rest dtype must be one of {', '.join(REST_DTYPES)}, got {dtype!r}")
 
@@ -61,24 +61,21 @@ def _int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
         linear.weight.copy_(weight)
         if bias is not None:
             linear.bias.copy_(bias)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch's deprecation notes on quantized tensors
-        return torch.ao.quantization.quantize_dynamic(nn.Sequential(linear.eval()), {nn.Linear},
-                                                      dtype=torch.qint8)[0]
+    return quantize_rest(nn.Sequential(linear), "int8", inplace=True)[0]
 
 
 def quantize_rest(module: nn.Module, dtype: str = "int8", inplace: bool = False) -> nn.Module:
     """``module`` with every remaining ``nn.Linear`` in ``dtype`` (see the module doc)."""
-    _check(dtype)
+    check_rest_dtype(dtype)
     if dtype == "float32":
         return module
     target = module if inplace else copy.deepcopy(module)
     if dtype == "int8":
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("ignore")  # torch's deprecation notes on quantized tensors
             return torch.ao.quantization.quantize_dynamic(target.eval(), {nn.Linear},
                                                           dtype=torch.qint8, inplace=True)
-    for name, child in list(target.named_modules()):
+    for child in list(target.modules()):
         for attr, sub in list(child.named_children()):
             if type(sub) is nn.Linear:
                 setattr(child, attr, Bf16Linear.from_linear(sub))
@@ -97,7 +94,7 @@ def _constant(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
 def quantize_rest_graph(gm: torch.fx.GraphModule, dtype: str = "int8") -> int:
     """Rewrite ``gm`` in place: each ``aten.linear`` with constant float32 weights (and a
     constant bias or none) calls a ``dtype`` linear module instead. Returns how many."""
-    _check(dtype)
+    check_rest_dtype(dtype)
     if dtype == "float32":
         return 0
     count = 0

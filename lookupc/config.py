@@ -20,6 +20,9 @@ __all__ = ["LookupConfig", "padded_width", "num_repeats", "lookup_flops", "table
 # and int8 (symmetric, one float32 scale per table row) are for inference: training keeps
 # float32 master tables and conversion quantises them (``LookupFFN.quantize_tables``).
 TABLE_DTYPES = {"float32": 4, "bfloat16": 2, "int8": 1}
+# precisions the rest of a converted model (its remaining linear layers) can run in
+# (lookupc.compose; lookupc compile|run --rest-dtype)
+REST_DTYPES = ("float32", "int8", "bfloat16")
 
 
 def _is_pow2(n: int) -> bool:

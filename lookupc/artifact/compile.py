@@ -88,15 +88,13 @@ def compile_artifact(result, loaded, spec, out_dir, *, schedule: str = "hand",
         When the check runs and the outputs differ beyond the float32 tolerance of
         :mod:`lookupc.artifact.output_check` (the artifact stays on disk, named in the message).
     """
-    from ..compose import REST_DTYPES
+    from ..compose import check_rest_dtype
     from ..progress import progress as progress_bar
     from ..runtime.build import export_library
     from ..targets import can_execute
     from .export import export_program
 
-    if rest_dtype not in REST_DTYPES:
-        raise LookupcInputError(f"rest dtype must be one of {', '.join(REST_DTYPES)}, "
-                                f"got {rest_dtype!r}")
+    check_rest_dtype(rest_dtype)
     shapes = lookup_shapes(result.module)
     if not shapes:
         raise LookupcInputError(f"{loaded.source}: no FFN was converted, nothing to compile "

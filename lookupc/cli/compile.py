@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import click
 
+from ..config import REST_DTYPES
 from ..schedules.registry import schedule_names
 from .common import convert, helper_rank, load, print_report, usage
 from .options import (
@@ -34,7 +35,7 @@ __all__ = ["compile_"]
 @click.option("--tuning-db", type=click.Path(file_okay=False), default=None,
               help="MetaSchedule database from 'lookupc tune' (for --schedule tuned).")
 @click.option("--force", is_flag=True, help="Replace an existing artifact directory.")
-@click.option("--rest-dtype", type=click.Choice(["float32", "int8", "bfloat16"]),
+@click.option("--rest-dtype", type=click.Choice(REST_DTYPES),
               default="float32", show_default=True,
               help="Precision of the model's remaining linear layers (attention, pooler) when "
                    "the artifact runs: int8 = dynamic quantization, bfloat16 fast only with "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import click
 
+from ..config import TABLE_DTYPES
 from .common import DISTILL_KEY, POLICY_KEY, usage
 
 __all__ = ["CONTEXT", "MODEL_HELP", "model_options", "lookup_options", "policy_options",
@@ -79,7 +80,7 @@ def _store_distill(ctx, param, value):
 
 
 def convert_options(f):
-    f = click.option("--table-dtype", type=click.Choice(["float32", "bfloat16", "int8"]),
+    f = click.option("--table-dtype", type=click.Choice(list(TABLE_DTYPES)),
                      default=None, expose_value=False, callback=_store_policy,
                      help="Store the tables in this dtype: trained in float32, then quantised "
                           "(int8: one scale per table row). Default: float32.")(f)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import click
 
+from ..config import REST_DTYPES
 from .common import step, usage
 from .options import CONTEXT
 
@@ -47,7 +48,7 @@ __all__ = ["run"]
 @click.option("--trust-artifact", is_flag=True,
               help="Load the artifact's kernels.so (native code) even if it is not signed by "
                    "a trusted key.")
-@click.option("--rest-dtype", type=click.Choice(["float32", "int8", "bfloat16"]), default=None,
+@click.option("--rest-dtype", type=click.Choice(REST_DTYPES), default=None,
               help="Run the remaining linear layers in this precision (default: what "
                    "'lookupc compile --rest-dtype' recorded).")
 @click.option("--rebuild-kernels", is_flag=True,
