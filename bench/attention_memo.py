@@ -12,10 +12,15 @@ model run in one process, batch by batch in alternating order, ``--repeats`` rou
 (median of the per-round sums), because the shared machine's load drifts too much for
 separately timed runs to be compared.
 
+The disjoint workload is a stream of ``--disjoint-seqs`` sequences (default 256), long
+enough that the per-layer backoff reaches its steady state (it stops looking up on
+traffic that does not hit, probing now and then).
+
 Paper setting (``--paper``): short sentences, one per sequence, right-padded to 512
-tokens, on a BERT-base-sized encoder (12 layers, hidden 768, 12 heads) with random
-weights (speed only: its attention is near uniform, so everything is "similar");
-records are matched by real length.
+tokens, records matched by real length, on each of ``--paper-models``: a BERT-base-sized
+encoder (12 layers, hidden 768, 12 heads) with random weights (the paper's size, speed
+only: its attention is near uniform, so everything is "similar") and the real
+all-MiniLM-L6-v2 (fidelity: cosine against the model without memo).
 
     python bench/attention_memo.py                  # ~10-15 min on 2 shared cores
     python bench/attention_memo.py --paper          # adds the padded 512 setting (~15 min more)
@@ -228,28 +233,40 @@ def near_duplicate(args, work: Path) -> dict:
                 plans={k: [{kk: vv for kk, vv in r.items()} for r in v] for k, v in plans.items()}, results=rows)
 
 
-def paper_setting(args, work: Path) -> dict:
+PAPER_MODELS = ("bert-base-random", "minilm")
+
+
+def paper_model(which: str, layers: int):
+    """``(model, tokenizer, description)`` of the padded-512 setting: a BERT-base-sized encoder
+    with random weights (the paper's size; speed only) or the real all-MiniLM-L6-v2 (fidelity)."""
     import transformers
 
-    _, tok = load_encoder("all-minilm-l6-v2")
-    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=768, num_hidden_layers=args.paper_layers,
+    model, tok = load_encoder("all-minilm-l6-v2")
+    if which == "minilm":
+        return model, tok, "all-MiniLM-L6-v2 (6 layers, hidden 384, real weights)"
+    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=768, num_hidden_layers=layers,
                                   num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512,
                                   attn_implementation="sdpa")
     torch.manual_seed(0)
-    model = transformers.BertModel(cfg).eval()
+    return (transformers.BertModel(cfg).eval(), tok,
+            f"BERT-base-sized random-weight encoder ({layers} layers, hidden 768)")
+
+
+def paper_setting(args, work: Path, which: str) -> dict:
+    model, tok, desc = paper_model(which, args.paper_layers)
     n_layers = len(find_self_attention(model))
     sents = [s for s in docstring_sentences(4000) if 6 <= len(s.split()) <= 20]
     db_ids, db_mask = pad_sentences(tok, sents[:args.paper_db], 512)
     dis_ids, dis_mask = pad_sentences(tok, sents[args.paper_db:args.paper_db + args.paper_queries], 512)
     lengths = db_mask.sum(1)
-    say(f"\n== paper setting: BERT-base-sized random-weight encoder ({n_layers} layers, hidden 768), "
+    say(f"\n== paper setting: {desc}, "
         f"{len(db_ids)} short sentences padded to 512 (real lengths {int(lengths.min())}-{int(lengths.max())}, "
         f"{len(set(lengths.tolist()))} distinct); queries: {args.paper_queries} of them with 5% tokens replaced "
         f"(at least one), and {len(dis_ids)} disjoint sentences")
     t0 = time.perf_counter()
     items = [{"input_ids": db_ids[s:s + args.batch], "attention_mask": db_mask[s:s + args.batch]}
              for s in range(0, len(db_ids), args.batch)]
-    store = build_memo_db(model, items, work / "db_paper",
+    store = build_memo_db(model, items, work / f"db_paper_{which}",
                           embed=EmbedConfig(token_dim=8, steps=args.steps, max_seconds=args.train_seconds,
                                             edit_rates=(0.05, 0.1)),
                           log=lambda s: print("  " + s, flush=True))
@@ -270,7 +287,7 @@ def paper_setting(args, work: Path) -> dict:
         rows.append(row)
     say("results (moderate, automatic layer selection; padded to 512; cosine of the masked mean)")
     print_rows(rows)
-    return dict(setting="paper", model=f"random BERT-base-sized ({n_layers} layers)", seq_len=512,
+    return dict(setting="paper", model=desc, seq_len=512,
                 n_db=len(db_ids), build_s=build_s, build=report, plan=plan, results=rows)
 
 
@@ -278,7 +295,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--db-seqs", type=int, default=96, help="database sequences (near-duplicate workload)")
-    ap.add_argument("--disjoint-seqs", type=int, default=32)
+    ap.add_argument("--disjoint-seqs", type=int, default=256,
+                    help="disjoint sequences: a stream long enough for the backoff's steady state")
     ap.add_argument("--calib-sentences", type=int, default=3000)
     ap.add_argument("--eval-sentences", type=int, default=1500)
     ap.add_argument("--edit-rates", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2])
@@ -291,7 +309,9 @@ def main(argv=None) -> int:
     ap.add_argument("--paper-only", action="store_true")
     ap.add_argument("--paper-db", type=int, default=32)
     ap.add_argument("--paper-queries", type=int, default=16)
-    ap.add_argument("--paper-layers", type=int, default=12)
+    ap.add_argument("--paper-layers", type=int, default=12, help="layers of the random BERT-base-sized encoder")
+    ap.add_argument("--paper-models", nargs="+", default=list(PAPER_MODELS), choices=PAPER_MODELS,
+                    help="random BERT-base-sized weights measure speed; the real MiniLM measures fidelity")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is faster on a loaded machine)")
     ap.add_argument("--json", default="bench/results/attention_memo.json")
     ap.add_argument("--keep-db", default=None, help="directory to keep the databases in")
@@ -309,7 +329,8 @@ def main(argv=None) -> int:
         if not args.paper_only:
             out["settings"].append(near_duplicate(args, work))
         if args.paper or args.paper_only:
-            out["settings"].append(paper_setting(args, work))
+            for which in args.paper_models:
+                out["settings"].append(paper_setting(args, work, which))
     finally:
         if not args.keep_db:
             shutil.rmtree(work, ignore_errors=True)
