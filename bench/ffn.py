@@ -33,6 +33,10 @@ registers at the host's vector width) and ``torch.mm`` of 2048 x 2048 matrices
 (``sgemm_gflops``, the practical ceiling of a tuned BLAS). LookupFFN rows add
 ``hash_gflops`` (``LookupFFN.hash_flops_per_token() * tokens / hash_ms``) and
 ``hash_pct_of_peak``; the JSON records ``fma_peak_gflops`` and ``sgemm_gflops`` too.
+
+Ceiling: ``ceiling_ms`` = the hash's FLOPs at 100% of that peak + ``gather_bound_ms``, and
+``speedup_ceiling_vs_dense`` = dense fp32 median / ceiling: the speed-up over dense fp32
+that no schedule of this configuration can beat on this machine (fp32 hash arithmetic).
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ sentences, then on a disjoint held-out set of sentences compares with the origin
 Rows, all measured in the same run: LookupFFN configurations; the dense FFNs pruned to
 k hidden units (W2 refitted); MiniLM with layers dropped (every other one first, the
 sentence-transformers recipe), trained for the same number of whole-model steps as the
-LookupFFNs; int8 dynamic quantization (same FLOPs, cheaper arithmetic). Prints a table,
+LookupFFNs; int8 dynamic quantization (same FLOPs, cheaper arithmetic); and reference
+rows that show how sensitive the columns are (the whole model in bf16; int8 dynamic on
+the FFN Linears only, the rest exact). Prints a table,
 writes JSON (with the whole-model distillation's held-out curve) and a plot::
 
     python bench/minilm_quality.py                    # default sweep
@@ -41,6 +43,7 @@ import lookupc
 from lookupc.textdata import docstring_sentences
 
 DEFAULT_CONFIGS = ["512,1,32", "256,2,32", "128,4,32"]
+GOALS = (0.97, 0.80)  # issue 16: mean cosine and top-1 agreement at >= 4x fewer FFN FLOPs
 
 
 def load_minilm():
@@ -68,7 +71,7 @@ def embed(model, items: list[dict]) -> torch.Tensor:
     outs = []
     with torch.no_grad():
         for item in items:
-            h = model(**item).last_hidden_state
+            h = model(**item).last_hidden_state.float()  # (a bf16 model's too)
             m = item["attention_mask"].unsqueeze(-1).to(h.dtype)
             outs.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
     return torch.cat(outs)
@@ -294,14 +297,43 @@ def int8_row(ctx: Ctx) -> dict:
     return row
 
 
+def sensitivity_rows(ctx: Ctx) -> list[dict]:
+    """How sensitive the quality columns are: the whole model in bf16, and int8 dynamic
+    quantization of only the FFNs' first Linear (every other layer exact). These change no
+    FLOPs; they put the FFN rows' numbers on a scale (an FFN replacement whose error is
+    that of int8 arithmetic on one Linear scores what these score)."""
+    import copy
+
+    rows = []
+    t0 = time.perf_counter()
+    bf16 = copy.deepcopy(ctx.model).to(torch.bfloat16)
+    row = ctx.row("reference", "whole model in bf16", bf16, 1.0, time.perf_counter() - t0)
+    row["model_flops_ratio"] = 1.0  # same FLOPs, cheaper arithmetic
+    rows.append(row)
+    for which, name in (("intermediate", "int8 dynamic, FFN first Linear only"),
+                        ("both", "int8 dynamic, both FFN Linears only")):
+        t0 = time.perf_counter()
+        q = copy.deepcopy(ctx.model)
+        for layer in q.encoder.layer:
+            parents = [layer.intermediate] + ([layer.output] if which == "both" else [])
+            for parent in parents:
+                parent.dense = torch.ao.quantization.quantize_dynamic(
+                    torch.nn.Sequential(parent.dense), {torch.nn.Linear}, dtype=torch.qint8)[0]
+        row = ctx.row("reference", name, q, 1.0, time.perf_counter() - t0)
+        row["model_flops_ratio"] = 1.0
+        rows.append(row)
+    return rows
+
+
 def plot(rows: list[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    styles = {"lookup": "o", "pruned": "s", "drop": "^", "int8": "x"}
-    for ax, metric in zip(axes, ("cosine", "top1_agreement")):
+    styles = {"lookup": "o", "pruned": "s", "drop": "^", "int8": "x", "reference": "+"}
+    for ax, metric, goal in zip(axes, ("cosine", "top1_agreement"), GOALS):
+        ax.axhline(goal, color="grey", linestyle=":", linewidth=1, label=f"goal at >= 4x FFN ({goal})")
         for kind, marker in styles.items():
             pts = sorted((r["model_flops_ratio"], r[metric]) for r in rows if r["kind"] == kind)
             if pts:
@@ -339,6 +371,8 @@ def parse_args(argv=None):
     p.add_argument("--drop-baseline", type=int, nargs="*", default=[3, 2],
                    help="layers dropped from MiniLM, then trained like the LookupFFN rows")
     p.add_argument("--no-int8", action="store_true", help="skip the int8 baseline")
+    p.add_argument("--no-sensitivity", action="store_true",
+                   help="skip the reference rows (bf16 model, int8 on the FFN Linears only)")
     p.add_argument("--table-dtypes", nargs="*", default=["bfloat16", "int8", "int8-per-table"],
                    help="also evaluate each LookupFFN configuration with its tables stored in "
                         "these dtypes (int8-per-table: one scale per table, simulated)")
@@ -395,6 +429,9 @@ def main(argv=None) -> list[dict]:
 
     if not a.no_int8:
         add(int8_row(ctx))
+    if not a.no_sensitivity:
+        for row in sensitivity_rows(ctx):
+            add(row)
     for keep in a.pruned_baseline:
         add(pruned_dense_row(ctx, keep, a.max_tokens))
     with lookupc.set_schedule(a.schedule):

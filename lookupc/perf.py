@@ -177,6 +177,11 @@ def run_config(name: str, tokens: int, repeats: int, schedules, tuning_db, naive
             row["hash_gflops"] = ffn.hash_flops_per_token() * tokens / (row["hash_ms"] * 1e6)
             if peak_gflops:
                 row["hash_pct_of_peak"] = 100.0 * row["hash_gflops"] / peak_gflops
+                # what no schedule can beat: the hash at 100% of the FMA peak plus the
+                # gather at the L3 read bandwidth
+                row["ceiling_ms"] = (ffn.hash_flops_per_token() * tokens / (peak_gflops * 1e6)
+                                     + bound_ms)
+                row["speedup_ceiling_vs_dense"] = dense_med / row["ceiling_ms"]
         if scale != 1:
             row["note"] = (f"measured on {v['tokens']} tokens, {len(t['full'])} runs; "
                            f"times scaled x{scale:g} to {tokens} tokens")
@@ -205,6 +210,13 @@ def print_table(rows) -> None:
     best = {r["config"]: r["best_dense"] for r in rows}
     print("x best = fastest dense variant of the run / row: "
           + ", ".join(f"{c}: {b}" for c, b in best.items()))
+    for c in best:
+        ceil = [r for r in rows if r["config"] == c and "speedup_ceiling_vs_dense" in r]
+        if ceil:
+            top = max(ceil, key=lambda r: r["speedup_ceiling_vs_dense"])
+            print(f"ceiling ({c}, {top['variant']}): hash at 100% of the FMA peak + gather at the "
+                  f"L3 read bandwidth = {top['ceiling_ms']:.2f} ms, "
+                  f"{top['speedup_ceiling_vs_dense']:.2f}x dense fp32")
 
 
 # --- lookupc compare / lookupc tune --config ----------------------------------------------------

@@ -43,3 +43,21 @@ def test_fma_peak_runs_several_tasks(threads):
 def test_sgemm_figure_is_positive_and_below_the_isa_ceiling():
     gflops = perf.sgemm_gflops(1, n=256, repeats=2)
     assert 0.0 < gflops < _ceiling(1), gflops
+
+
+def test_benchmark_rows_carry_the_ceiling_no_schedule_can_beat():
+    """bench/ffn.py's ceiling = hash FLOPs at the given peak + the gather's bandwidth bound."""
+    import lookupc
+    from lookupc import perf
+
+    rows = perf.run_config("tiny", 64, 10, ["cpu"], None, 64, False, bw_l3=50.0,
+                           peak_gflops=100.0)
+    d, _, cfg = perf.CONFIGS["tiny"]
+    ffn = lookupc.LookupFFN(d, d, cfg)
+    dense = next(r for r in rows if r["variant"] == "dense")
+    lookup = next(r for r in rows if r["variant"] == "tvm-cpu")
+    assert "ceiling_ms" not in dense
+    expected = ffn.hash_flops_per_token() * 64 / 100e6 + 64 * cfg.tables * d * 4 / 50e9 * 1e3
+    assert lookup["ceiling_ms"] == pytest.approx(expected, rel=1e-9)
+    assert lookup["speedup_ceiling_vs_dense"] == pytest.approx(
+        dense["ms_median"] / lookup["ceiling_ms"], rel=1e-9)
