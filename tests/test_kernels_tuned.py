@@ -125,3 +125,21 @@ def test_interrupted_tune_keeps_its_records_and_resumes(tmp_path):
     assert count() >= kept
     assert "already recorded" in r.stderr or "skipped" in r.stderr
     assert list((db / "logs").rglob("*.log"))  # TVM's logs, in files
+
+
+def test_tuning_runs_with_unnamed_handlers_on_the_metaschedule_logger(tmp_path):
+    """MetaSchedule's log setup names every handler of its logger and fails on an unnamed
+    one (pytest's capture leaves two): they are detached during a run and put back."""
+    import logging
+
+    from lookupc.schedules.cpu.tune_run import _quiet_tvm_logs
+
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    stray = logging.NullHandler()
+    ms_logger.addHandler(stray)
+    try:
+        with _quiet_tvm_logs(str(tmp_path), verbose=False):
+            assert all(h.get_name() is not None for h in ms_logger.handlers)
+        assert stray in ms_logger.handlers
+    finally:
+        ms_logger.removeHandler(stray)

@@ -12,7 +12,12 @@ class _quiet_tvm_logs:
     """MetaSchedule logs every step at DEBUG to the console (its console handler takes the
     level of the ``tvm.s_tir.meta_schedule`` logger, DEBUG when unset) and to files under
     the work directory. Unless ``verbose``, raise that logger to WARNING so the console
-    only shows problems; the files (``db_dir/logs/*.log``) keep everything."""
+    only shows problems; the files (``db_dir/logs/*.log``) keep everything.
+
+    Handlers without a name on that logger are detached for the run and put back after:
+    MetaSchedule's logging setup lists the logger's handlers by name and fails on an
+    unnamed one (``'NoneType' object has no attribute 'format'``); pytest's log capture
+    leaves two there once a tuning run has configured the logger."""
 
     def __init__(self, scratch: str, verbose: bool):
         self.verbose = verbose
@@ -20,6 +25,10 @@ class _quiet_tvm_logs:
     def __enter__(self):
         import logging
 
+        ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+        self.unnamed = [h for h in ms_logger.handlers if h.get_name() is None]
+        for h in self.unnamed:
+            ms_logger.removeHandler(h)
         if not self.verbose:
             self.logger = logging.getLogger("tvm.s_tir.meta_schedule")
             self.level = self.logger.level
@@ -29,6 +38,12 @@ class _quiet_tvm_logs:
         return self
 
     def __exit__(self, *exc) -> None:
+        import logging
+
+        ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+        for h in self.unnamed:
+            if h not in ms_logger.handlers:
+                ms_logger.addHandler(h)
         if not self.verbose:
             self.logger.setLevel(self.level)
             self.logger.removeFilter(self.filter)
