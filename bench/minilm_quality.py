@@ -352,6 +352,10 @@ def parse_args(argv=None):
                    help="tables,bits,block_size triples (default: %(default)s)")
     p.add_argument("--calib", type=int, default=3000, help="calibration sentences")
     p.add_argument("--eval", type=int, default=400, help="held-out sentences")
+    p.add_argument("--eval-offset", type=int, default=None,
+                   help="first held-out sentence (default: right after the calibration ones); "
+                        "runs with different --calib compare on one held-out set when it is "
+                        "fixed beyond the largest --calib")
     p.add_argument("--max-tokens", type=int, default=40000, help="calibration tokens per layer")
     p.add_argument("--hash-steps", type=int, default=200)
     p.add_argument("--hash-source", default="hidden", choices=("hidden", "preact", "input"))
@@ -404,7 +408,10 @@ def main(argv=None) -> list[dict]:
     torch.manual_seed(0)
     tok, model = load_minilm()
     calib = batches(tok, docstring_sentences(a.calib), a.batch, a.max_length)
-    held = batches(tok, docstring_sentences(a.eval, offset=a.calib), a.batch, a.max_length)
+    offset = a.calib if a.eval_offset is None else a.eval_offset
+    if offset < a.calib:
+        raise SystemExit(f"--eval-offset {offset} overlaps the {a.calib} calibration sentences")
+    held = batches(tok, docstring_sentences(a.eval, offset=offset), a.batch, a.max_length)
     seq_len = sum(float(h["attention_mask"].sum()) for h in held) / a.eval
     ctx = Ctx(model, calib, held, seq_len)
     opts = dict(max_tokens=a.max_tokens, hash_steps=a.hash_steps, hash_source=a.hash_source,
