@@ -228,3 +228,23 @@ def test_input_noise_trains_on_the_dense_outputs_of_noisy_inputs():
     assert relative_error(noisy, xv, yv) < 0.9 * relative_error(plain, xv, yv)
     with pytest.raises(ValueError, match="input_noise"):
         DistillOptions(input_noise=-1.0)
+
+
+def test_finetune_that_hurts_held_out_error_is_undone():
+    dense = _dense()
+    x, y = _data(dense)
+    xv, yv = _data(dense, n=1024, seed=7)
+    solved = _lookup()
+    s0 = fit_lookup_ffn(solved, x, y, dense=dense, x_val=xv, y_val=yv,
+                        options=DistillOptions(**{**FAST, "finetune_steps": 0}))
+    wild = _lookup()  # a learning rate that wrecks the solved tables
+    s1 = fit_lookup_ffn(wild, x, y, dense=dense, x_val=xv, y_val=yv,
+                        options=DistillOptions(**{**FAST, "finetune_lr": 50.0,
+                                                  "finetune_hash_lr": 50.0}))
+    assert s1["finetune_kept"] == 0.0
+    assert s1["rel_error"] == pytest.approx(s0["rel_error"], rel=1e-6)
+    torch.testing.assert_close(wild.tables, solved.tables)
+    good = _lookup()
+    s2 = fit_lookup_ffn(good, x, y, dense=dense, x_val=xv, y_val=yv, options=DistillOptions(**FAST))
+    assert s2["finetune_kept"] in (0.0, 1.0)
+    assert s2["rel_error"] <= s0["rel_error"] + 1e-9
