@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 
-SIZES = {"minilm": ("1x16", "8x128", "32x128"), "bert-base": ("1x16", "8x128")}
+SIZES = {"minilm": ("1x16", "8x128", "32x128"), "bert-base": ("1x16", "8x128", "32x128")}
 LOOKUPS = {"default": None, "128x4b32": (128, 4, 32), "512x1b32": (512, 1, 32)}
 
 
