@@ -21,8 +21,10 @@ standard-library docstring sentences (``lookupc.textdata``), the model converted
 LookupFFN parameters trainable; step = forward + MSE to the original model's last hidden
 state + backward. Rows (interleaved): ``reference`` (all lookupc ops in the reference
 math), ``cpu-forward`` (TVM forward, reference backward), ``cpu`` (TVM forward and
-backward), and ``dense-ffn`` (the original model with its FFN weights trainable instead,
-for scale); ``speedup_vs_reference``. ``--threads`` sets torch's and TVM's threads.
+backward), ``dense-ffn`` (the original model with its FFN weights trainable instead,
+for scale) and ``no-ffn-floor`` (every LookupFFN replaced by ``x * w``: the rest of the step,
+so reference / floor bounds what faster lookup kernels can give);
+``speedup_vs_reference``. ``--threads`` sets torch's and TVM's threads.
 
 Thread pools: torch's OpenMP threads spin for a while after every parallel torch op
 (libgomp: ``GOMP_SPINCOUNT`` 300000 rounds by default), and a TVM kernel that starts in
@@ -45,6 +47,7 @@ one LookupFFN of ``--config`` at ``--tokens`` rows, reference math vs the ``cpu`
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -184,6 +187,8 @@ class _ForwardOnly:
     """The ``cpu`` provider's forward kernels alone: a provider without backward methods
     gets the reference math for the backward (``lookupc.ops``)."""
 
+    name = "cpu-forward"
+
     def __init__(self):
         from lookupc.runtime.cpu import TvmProvider
 
@@ -204,6 +209,17 @@ def _register_forward_only() -> None:
     from lookupc import dispatch
 
     dispatch.register_provider("cpu-forward", _ForwardOnly)
+
+
+class _FreeFFN(nn.Module):
+    """``x * w``: stands in for a LookupFFN in the floor row (no FFN work, same backward path)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * self.w
 
 
 def minilm_step(batch: int, seq: int, warmup: int, repeats: int) -> list[dict]:
@@ -243,8 +259,17 @@ def minilm_step(batch: int, seq: int, warmup: int, repeats: int) -> list[dict]:
         out = model(**inputs).last_hidden_state
         torch.nn.functional.mse_loss(out, target).backward()
 
+    # the floor: the same step with every LookupFFN replaced by an almost free op that still
+    # has a trainable parameter (so the backward runs through every layer as before);
+    # reference / floor is the most any lookup kernel could speed the step up
+    floor = copy.deepcopy(student)
+    for name, m in list(floor.named_modules()):
+        if isinstance(m, LookupFFN):
+            parent, _, leaf = name.rpartition(".")
+            setattr(floor.get_submodule(parent) if parent else floor, leaf, _FreeFFN(m.d_out))
     variants = [("reference", student, "reference"), ("cpu-forward", student, "cpu-forward"),
-                ("cpu", student, "cpu"), ("dense-ffn", dense, "reference")]
+                ("cpu", student, "cpu"), ("dense-ffn", dense, "reference"),
+                ("no-ffn-floor", floor, "reference")]
     times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     for name, model, schedule in variants:
         with lookupc.set_schedule(schedule):
