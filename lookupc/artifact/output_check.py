@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..errors import OutputMismatchError
 
-__all__ = ["RTOL", "OutputCheck", "compare_outputs"]
+__all__ = ["RTOL", "OutputCheck", "compare_outputs", "rest_dtype_note"]
 
 RTOL = 1e-3
 
@@ -64,3 +64,11 @@ def compare_outputs(got, want) -> OutputCheck:
             err = max(err, float(diff.max()))
             scale = max(scale, float(b.float().abs().max()))
     return OutputCheck(err, scale, RTOL * max(1.0, scale))
+
+
+def rest_dtype_note(rest_dtype: str) -> str:
+    """What a kernel check's line adds when the artifact's rest layers are not float32
+    (the check runs them in float32, so it measures the kernels alone)."""
+    if rest_dtype == "float32":
+        return ""
+    return f" (rest layers in float32 for the check; they run in {rest_dtype})"

@@ -97,14 +97,13 @@ def run(artifact, input_path, output, texts, text_file, batch_size, fmt, normali
         save_inputs(tuple(outputs), output)
         click.echo(f"wrote {output}", err=True)
     if check:
-        from ..artifact.output_check import compare_outputs
+        from ..artifact.output_check import compare_outputs, rest_dtype_note
 
-        what = "artifact vs the same program on the PyTorch reference ops"
+        what = ("artifact vs the same program on the PyTorch reference ops"
+                + rest_dtype_note(model.rest_dtype))
         with model.float32_rest():  # the check is of the kernels: rest layers in float32
             got = outputs if model.rest_dtype == "float32" else model(*inputs)
             outcome = compare_outputs(got, model.run(*inputs, schedule="reference"))
-        if model.rest_dtype != "float32":
-            what += f" (rest layers in float32 for the check; they run in {model.rest_dtype})"
         click.echo(outcome.line(what))
         outcome.raise_if_failed(what, f"; the kernels in {artifact} compute wrong outputs on "
                                       f"this machine")

@@ -63,13 +63,13 @@ def run_text(model, sentences: list[str], batch_size: int, out: str | None, fmt:
         if out:
             click.echo(f"wrote {out}", err=True)
     if check:
-        from ..artifact.output_check import compare_outputs
+        from ..artifact.output_check import compare_outputs, rest_dtype_note
 
-        what = "artifact vs the same program on the PyTorch reference ops (embeddings)"
+        what = ("artifact vs the same program on the PyTorch reference ops (embeddings)"
+                + rest_dtype_note(model.rest_dtype))
         with warnings.catch_warnings(), model.float32_rest():  # the kernels are checked
             warnings.simplefilter("ignore", TextTruncatedWarning)  # said once above
             if model.rest_dtype != "float32":
-                what += f" (rest layers in float32 for the check; they run in {model.rest_dtype})"
                 emb = model.encode(sentences, batch_size=batch_size, normalize=normalize)
             ref = model.encode(sentences, batch_size=batch_size, normalize=normalize,
                                schedule="reference")
