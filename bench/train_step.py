@@ -265,8 +265,7 @@ def minilm_step(batch: int, seq: int, warmup: int, repeats: int) -> list[dict]:
     floor = copy.deepcopy(student)
     for name, m in list(floor.named_modules()):
         if isinstance(m, LookupFFN):
-            parent, _, leaf = name.rpartition(".")
-            setattr(floor.get_submodule(parent) if parent else floor, leaf, _FreeFFN(m.d_out))
+            floor.set_submodule(name, _FreeFFN(m.d_out))
     variants = [("reference", student, "reference"), ("cpu-forward", student, "cpu-forward"),
                 ("cpu", student, "cpu"), ("dense-ffn", dense, "reference"),
                 ("no-ffn-floor", floor, "reference")]
